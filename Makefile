@@ -1,0 +1,27 @@
+# The two quick-start targets create .venv when it is missing, install the
+# pinned requirements and the package (editable), then run.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all clean
+
+$(STAMP): requirements.txt setup.py
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: ASCL needs Python 3.11 (set PYTHON=...)"; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ascl demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+test-all: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
