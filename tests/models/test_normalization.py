@@ -1,0 +1,55 @@
+"""Split ("ghost") batch normalisation against NumPy."""
+
+import keras
+import numpy as np
+import pytest
+
+from models.normalization import SplitBatchNormalization
+
+
+def test_each_split_is_normalised_with_its_own_statistics():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3, 3, 4)).astype("float32")
+    x[4:] = x[4:] * 5.0 + 3.0  # second half has a very different distribution
+    layer = SplitBatchNormalization(num_splits=2)
+    y = layer(x, training=True).numpy()
+    for half in (slice(0, 4), slice(4, 8)):
+        group = x[half]
+        mean = group.mean(axis=(0, 1, 2))
+        var = group.var(axis=(0, 1, 2))
+        np.testing.assert_allclose(y[half], (group - mean) / np.sqrt(var + 1e-5), atol=1e-4)
+    # moving statistics move towards the average of the groups' statistics
+    group_means = np.stack([x[:4].mean(axis=(0, 1, 2)), x[4:].mean(axis=(0, 1, 2))]).mean(0)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.1 * group_means, atol=1e-5)
+
+
+def test_inference_uses_moving_statistics():
+    layer = SplitBatchNormalization(num_splits=2)
+    x = np.random.default_rng(1).normal(size=(4, 6)).astype("float32")
+    layer.build(x.shape)
+    layer.moving_mean.assign(np.full(6, 2.0, "float32"))
+    layer.moving_variance.assign(np.full(6, 4.0, "float32"))
+    np.testing.assert_allclose(layer(x, training=False).numpy(), (x - 2.0) / np.sqrt(4.0 + 1e-5),
+                               atol=1e-5)
+
+
+def test_one_split_equals_batch_normalisation():
+    x = np.random.default_rng(2).normal(size=(6, 5)).astype("float32")
+    split = SplitBatchNormalization(num_splits=1)(x, training=True).numpy()
+    plain = keras.layers.BatchNormalization(epsilon=1e-5)(x, training=True).numpy()
+    np.testing.assert_allclose(split, plain, atol=1e-5)
+
+
+def test_indivisible_batch_and_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="divisible by num_splits.*batch of 6"):
+        SplitBatchNormalization(num_splits=4)(np.zeros((6, 3), "float32"), training=True)
+    with pytest.raises(ValueError, match="num_splits=0"):
+        SplitBatchNormalization(num_splits=0)
+    with pytest.raises(ValueError, match="axis=1"):
+        SplitBatchNormalization(num_splits=2, axis=1)
+
+
+def test_config_round_trip():
+    layer = SplitBatchNormalization(num_splits=4, name="bn")
+    clone = SplitBatchNormalization.from_config(layer.get_config())
+    assert clone.num_splits == 4 and clone.momentum == pytest.approx(0.9)
