@@ -20,9 +20,14 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def two_replicas():
-    """A ``MirroredStrategy`` over the two logical CPU devices."""
+    """One ``MirroredStrategy`` over the two logical CPU devices, for the whole run.
+
+    Several strategy objects in one process can hand out clashing collective
+    instance keys (seen as "Shape mismatch in the collective instance" when
+    a second model trains), so the suite shares one, as a program would.
+    """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
