@@ -27,6 +27,7 @@ setup(
         "scikit-learn==1.9.1",
         "pillow==12.3.0",
         "pyyaml==6.0.4",
+        "google-crc32c==1.8.0",
         "matplotlib==3.11.2",
     ],
     extras_require={"test": ["pytest==9.2.0"]},

@@ -1,0 +1,86 @@
+"""Decoding, validating, converting and resizing one image; no Beam here.
+
+Every failure is an ``InvalidImage`` whose message is the reason written to
+the dead-letter output.  Images that are readable but not 8-bit RGB
+(grayscale, palette, CMYK, 16-bit, with alpha) are converted, not rejected.
+"""
+
+import io
+
+import numpy as np
+from PIL import Image, ImageFile
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not grey pixels
+_CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB",
+                      "HSV", "I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+class InvalidImage(ValueError):
+    """An input that cannot become a training image; the message says why."""
+
+
+def _sixteen_bit_to_rgb(image):
+    pixels = np.asarray(image, dtype=np.uint32)
+    if pixels.max(initial=0) > 0xFFFF:
+        raise InvalidImage(f"unsupported mode {image.mode}: values above 16 bits")
+    eight_bit = np.round(pixels / 257.0).astype(np.uint8)
+    return np.repeat(eight_bit[..., None], 3, axis=-1)
+
+
+def decode_image(data):
+    """RGB uint8 ``[H, W, 3]`` pixels from encoded bytes (JPEG, PNG, GIF, BMP, ...)."""
+    if not data:
+        raise InvalidImage("empty file")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise InvalidImage(f"too large: {error}") from error
+    except Exception as error:  # PIL raises many types for corrupt bytes
+        raise InvalidImage(f"undecodable bytes: {type(error).__name__}: {error}") from error
+    if image.mode not in _CONVERTIBLE_MODES:
+        raise InvalidImage(f"unsupported mode {image.mode}")
+    if image.mode.startswith("I"):
+        return _sixteen_bit_to_rgb(image)
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def validate_pixels(pixels, *, min_size):
+    """Checks an in-memory image and returns it as RGB uint8 ``[H, W, 3]``."""
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.ndim != 3 or pixels.shape[-1] not in (1, 3, 4):
+        raise InvalidImage(f"unsupported array shape {pixels.shape}")
+    if pixels.dtype != np.uint8:
+        raise InvalidImage(f"unsupported array dtype {pixels.dtype} (expected uint8)")
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    elif pixels.shape[-1] == 4:
+        pixels = pixels[..., :3]
+    height, width = pixels.shape[:2]
+    if min(height, width) < min_size:
+        raise InvalidImage(f"too small: {height}x{width} is under the minimum side {min_size}")
+    return np.ascontiguousarray(pixels)
+
+
+def resize_and_center_crop(pixels, size):
+    """Resizes the shorter side to ``size`` (bicubic) and crops the centre ``size x size``."""
+    height, width = pixels.shape[:2]
+    if (height, width) == (size, size):
+        return pixels
+    scale = size / min(height, width)
+    new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
+    resized = np.asarray(Image.fromarray(pixels).resize((new_width, new_height),
+                                                        Image.Resampling.BICUBIC))
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    return np.ascontiguousarray(resized[top:top + size, left:left + size])
+
+
+def encode_png(pixels, compress_level=3):
+    """Lossless PNG bytes of RGB uint8 pixels (deterministic for equal pixels)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()

@@ -1,0 +1,358 @@
+"""Beam job: raw images -> validated, sharded TFRecords + manifest.json.
+
+    python -m beam_jobs.prepare --source digits --output /data/digits
+    ascl prepare --source folder:gs://bucket/images --output gs://bucket/prepared \\
+        --image-size 32 --runner DataflowRunner --project P --region R \\
+        --temp_location gs://bucket/tmp --setup_file ./setup.py
+
+Writes, under ``--output``:
+
+* ``<split>-00000-of-000NN.tfrecord``: ``tf.train.Example`` records with the
+  PNG-encoded image, label index (-1 if unlabelled), class name, a stable id
+  and the source path.  An example's shard is a hash of its id and shards
+  are sorted by id, so the same input always gives byte-identical shards.
+* ``dead_letters-00000-of-00001.jsonl``: one JSON line per rejected input,
+  with its path and reason.
+* ``manifest.json``, **last**: format version, source, creation time, image
+  shape, class names, per-split counts and shard files (size, sha256), the
+  train split's per-channel mean and std (0-255) and the dead-letter count.
+  A folder without a manifest is never a dataset.
+
+Every input ends up either in a shard or in the dead letters; the job fails
+rather than write a manifest when the counts disagree.  Flags not listed by
+``--help`` are Beam ``PipelineOptions`` (``--runner``, ``--project``, ...);
+the default runner is the in-process DirectRunner, which needs no network.
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import math
+import re
+import sys
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from beam_jobs.images import (InvalidImage, decode_image, encode_png, resize_and_center_crop,
+                              validate_pixels)
+from beam_jobs.sources import source_transform
+from beam_jobs.tfrecord import encode_record
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DEAD_LETTER_PREFIX = "dead_letters"
+SHARD_TARGET_BYTES = 64 * 2 ** 20
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-\d{5}-of-\d{5}\.tfrecord$")
+
+
+def shard_file_name(split, index, count):
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def shard_of(example_id, num_shards):
+    """The shard an example belongs to: a stable hash of its id."""
+    digest = hashlib.sha256(example_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def make_example(*, png, shape, label, class_name, example_id, source_path, split):
+    """A serialised ``tf.train.Example`` (deterministic bytes)."""
+    from tensorflow.core.example import example_pb2
+
+    example = example_pb2.Example()
+    feature = example.features.feature
+    feature["image/encoded"].bytes_list.value.append(png)
+    feature["image/format"].bytes_list.value.append(b"png")
+    feature["image/height"].int64_list.value.append(shape[0])
+    feature["image/width"].int64_list.value.append(shape[1])
+    feature["image/channels"].int64_list.value.append(shape[2])
+    feature["label"].int64_list.value.append(label)
+    feature["class_name"].bytes_list.value.append(class_name.encode("utf-8"))
+    feature["id"].bytes_list.value.append(example_id.encode("utf-8"))
+    feature["source_path"].bytes_list.value.append(source_path.encode("utf-8"))
+    feature["split"].bytes_list.value.append(split.encode("utf-8"))
+    return example.SerializeToString(deterministic=True)
+
+
+class ChannelMeanStd(beam.CombineFn):
+    """Per-channel mean and std (pixel units) from per-image ``(n, sum, sum of squares)``."""
+
+    def create_accumulator(self):
+        return 0, np.zeros(3), np.zeros(3)
+
+    def add_input(self, accumulator, moments):
+        count, total, squares = accumulator
+        return count + moments[0], total + moments[1], squares + moments[2]
+
+    def merge_accumulators(self, accumulators):
+        count, total, squares = self.create_accumulator()
+        for other_count, other_total, other_squares in accumulators:
+            count, total, squares = count + other_count, total + other_total, squares + other_squares
+        return count, total, squares
+
+    def extract_output(self, accumulator):
+        count, total, squares = accumulator
+        if count == 0:
+            return None
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+        return {"mean": mean.tolist(), "std": std.tolist(), "pixels_per_channel": int(count)}
+
+
+class ToExample(beam.DoFn):
+    """Decodes, validates, converts and re-encodes one item; failures go to ``dead``."""
+
+    DEAD, SHAPE, MOMENTS = "dead", "shape", "moments"
+
+    def __init__(self, *, image_size, min_size):
+        self.image_size, self.min_size = image_size, min_size
+
+    def process(self, item, class_names):
+        try:
+            pixels = item["pixels"] if item["data"] is None else decode_image(item["data"])
+            pixels = validate_pixels(pixels, min_size=self.min_size)
+            if self.image_size:
+                pixels = resize_and_center_crop(pixels, self.image_size)
+            png = encode_png(pixels)
+        except InvalidImage as error:
+            yield beam.pvalue.TaggedOutput(self.DEAD, {
+                "id": item["id"], "path": item["source_path"], "split": item["split"],
+                "reason": str(error)})
+            return
+        class_name = item["class_name"]
+        label = class_names.index(class_name) if class_name in class_names else -1
+        yield {"split": item["split"], "id": item["id"], "example": make_example(
+            png=png, shape=pixels.shape, label=label, class_name=class_name,
+            example_id=item["id"], source_path=item["source_path"], split=item["split"])}
+        yield beam.pvalue.TaggedOutput(self.SHAPE, "x".join(map(str, pixels.shape)))
+        if item["split"] == "train":
+            flat = pixels.reshape(-1, 3).astype(np.float64)
+            yield beam.pvalue.TaggedOutput(
+                self.MOMENTS, (flat.shape[0], flat.sum(axis=0), (flat ** 2).sum(axis=0)))
+
+
+class WriteShard(beam.DoFn):
+    """Writes one shard, examples sorted by id, and reports its size and sha256."""
+
+    def __init__(self, output):
+        self.output = output
+
+    def process(self, keyed_examples):
+        (split, index, count), examples = keyed_examples
+        name = shard_file_name(split, index, count)
+        examples = sorted(examples)
+        yield _write_file(FileSystems.join(self.output, name),
+                          [encode_record(example) for _, example in examples],
+                          split=split, num_examples=len(examples))
+
+
+def _write_file(path, chunks, **info):
+    digest, size = hashlib.sha256(), 0
+    handle = FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    try:
+        for chunk in chunks:
+            handle.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+    finally:
+        handle.close()
+    return {**info, "file": path.rsplit("/", 1)[-1], "size_bytes": size, "sha256": digest.hexdigest()}
+
+
+class WriteManifest(beam.DoFn):
+    """Runs once, after every shard and dead letter is written: checks and writes the manifest."""
+
+    def __init__(self, output, *, source, image_size):
+        self.output, self.source, self.image_size = output, source, image_size
+
+    def process(self, _, shards, shards_per_split, class_names, stats, shapes, input_count,
+                dead_count, dead_files):
+        shards = list(shards)
+        present = {(info["split"], info["file"]) for info in shards}
+        for split, count in shards_per_split.items():  # hash sharding can leave a shard empty
+            for index in range(count):
+                name = shard_file_name(split, index, count)
+                if (split, name) not in present:
+                    shards.append(_write_file(FileSystems.join(self.output, name), [],
+                                              split=split, num_examples=0))
+        valid_count = sum(info["num_examples"] for info in shards)
+        if valid_count + dead_count != input_count:
+            raise RuntimeError(
+                f"prepare lost inputs: {input_count} read, {valid_count} written and "
+                f"{dead_count} dead letters; no manifest written")
+        shapes = sorted(set(shapes))
+        if len(shapes) > 1:
+            raise ValueError(
+                f"images have different shapes ({', '.join(shapes[:5])}...): pass --image-size N "
+                f"to resize them to NxN; no manifest written")
+        splits = {}
+        for info in sorted(shards, key=lambda info: info["file"]):
+            split = splits.setdefault(info["split"], {"num_examples": 0, "shards": []})
+            split["num_examples"] += info["num_examples"]
+            split["shards"].append({key: info[key] for key in
+                                    ("file", "num_examples", "size_bytes", "sha256")})
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "source": self.source,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "image_shape": [int(v) for v in shapes[0].split("x")] if shapes else None,
+            "class_names": list(class_names),
+            "splits": splits,
+            "train_statistics": stats,
+            "num_inputs": input_count,
+            "dead_letters": {"count": dead_count,
+                             "files": sorted(path.rsplit("/", 1)[-1] for path in dead_files)},
+        }
+        handle = FileSystems.create(FileSystems.join(self.output, MANIFEST_NAME),
+                                    mime_type="application/json",
+                                    compression_type=CompressionTypes.UNCOMPRESSED)
+        handle.write(json.dumps(manifest, indent=2).encode("utf-8"))
+        handle.close()
+        yield manifest
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="ascl prepare", description=__doc__.split("\n\n")[0],
+        epilog="Any other flag is passed to Beam as a PipelineOptions flag (--runner, --project, "
+               "--region, --temp_location, --setup_file, --direct_num_workers, ...).")
+    parser.add_argument("--source", default="digits",
+                        help="'digits' (scikit-learn's bundled 8x8 digits, the default), "
+                             "'folder:PATH' (PATH/<split>/<class>/<file> or PATH/<class>/<file>; "
+                             "local or gs://...) or 'tfds:NAME[:SPLIT,SPLIT]'")
+    parser.add_argument("--output", required=True, help="output folder (local or gs://...)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize the shorter side to N and centre-crop NxN "
+                             "(default: keep the size, which must then be the same for all)")
+    parser.add_argument("--num-shards", type=int, default=None,
+                        help="shards per split (default: one per 64 MiB of encoded images)")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="held-out fraction for sources without split folders (default 0.2)")
+    parser.add_argument("--min-size", type=int, default=8,
+                        help="reject images whose shorter side is below this (default 8)")
+    parser.add_argument("--tfds-data-dir", default=None,
+                        help="TFDS data directory for tfds: sources (default: TFDS's own)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing prepared dataset in --output")
+    return parser
+
+
+def _check_args(args):
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, received {args.image_size}")
+    if args.num_shards is not None and args.num_shards < 1:
+        raise ValueError(f"--num-shards must be >= 1, received {args.num_shards}")
+    if not 0.0 <= args.test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in [0, 1), received {args.test_fraction}")
+    if args.min_size < 1:
+        raise ValueError(f"--min-size must be >= 1, received {args.min_size}")
+
+
+def _prepare_output(output, overwrite):
+    """Refuses to replace a dataset without ``--overwrite``; clears what a past run left."""
+    manifest = FileSystems.join(output, MANIFEST_NAME)
+    if FileSystems.exists(manifest):
+        if not overwrite:
+            raise FileExistsError(
+                f"{output} already holds a prepared dataset ({manifest}); pass --overwrite "
+                f"to replace it")
+        FileSystems.delete([manifest])  # first, so a crash never leaves a stale manifest
+    if FileSystems.exists(output):
+        stale = [m.path for m in FileSystems.match([FileSystems.join(output, "*")])[0].metadata_list
+                 if _SHARD_NAME.match(m.path.rsplit("/", 1)[-1])
+                 or m.path.rsplit("/", 1)[-1].startswith(DEAD_LETTER_PREFIX + "-")]
+        if stale:
+            FileSystems.delete(stale)
+    else:
+        FileSystems.mkdirs(output)
+
+
+def build_pipeline(pipeline, args):
+    """Adds the preparation transforms to ``pipeline``; returns the manifest PCollection."""
+    source = source_transform(args.source, test_fraction=args.test_fraction,
+                              tfds_data_dir=args.tfds_data_dir)
+    items = pipeline | "Read" >> source
+    if source.class_names is not None:
+        class_names = pipeline | "KnownClasses" >> beam.Create([list(source.class_names)])
+    else:
+        class_names = (items
+                       | "ClassName" >> beam.Map(lambda item: item["class_name"])
+                       | "Labelled" >> beam.Filter(bool)
+                       | "Distinct" >> beam.Distinct()
+                       | "AllClasses" >> beam.combiners.ToList()
+                       | "Sort" >> beam.Map(sorted))
+    results = items | "ToExample" >> beam.ParDo(
+        ToExample(image_size=args.image_size, min_size=args.min_size),
+        class_names=beam.pvalue.AsSingleton(class_names)).with_outputs(
+            ToExample.DEAD, ToExample.SHAPE, ToExample.MOMENTS, main="valid")
+
+    num_shards = args.num_shards
+    shards_per_split = (results.valid
+                        | "SizeBySplit" >> beam.Map(lambda r: (r["split"], len(r["example"])))
+                        | "SumSizes" >> beam.CombinePerKey(sum)
+                        | "ShardCount" >> beam.Map(lambda kv: (kv[0], num_shards or max(
+                            1, math.ceil(kv[1] / SHARD_TARGET_BYTES)))))
+
+    def key_by_shard(record, counts):
+        count = counts[record["split"]]
+        return ((record["split"], shard_of(record["id"], count), count),
+                (record["id"], record["example"]))
+
+    shards = (results.valid
+              | "KeyByShard" >> beam.Map(key_by_shard, counts=beam.pvalue.AsDict(shards_per_split))
+              | "GroupShards" >> beam.GroupByKey()
+              | "WriteShards" >> beam.ParDo(WriteShard(args.output)))
+    dead_files = (results.dead
+                  | "DeadToJson" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
+                  | "WriteDeadLetters" >> beam.io.WriteToText(
+                      FileSystems.join(args.output, DEAD_LETTER_PREFIX), file_name_suffix=".jsonl",
+                      num_shards=1, shard_name_template="-SSSSS-of-NNNNN"))
+    stats = results.moments | "ChannelStats" >> beam.CombineGlobally(ChannelMeanStd())
+    shapes = results.shape | "DistinctShapes" >> beam.Distinct()
+    input_count = items | "CountInputs" >> beam.combiners.Count.Globally()
+    dead_count = results.dead | "CountDead" >> beam.combiners.Count.Globally()
+    side = beam.pvalue
+    return (pipeline
+            | "Once" >> beam.Create([None])
+            | "WriteManifest" >> beam.ParDo(
+                WriteManifest(args.output, source=args.source, image_size=args.image_size),
+                shards=side.AsList(shards), shards_per_split=side.AsDict(shards_per_split),
+                class_names=side.AsSingleton(class_names), stats=side.AsSingleton(stats),
+                shapes=side.AsList(shapes), input_count=side.AsSingleton(input_count),
+                dead_count=side.AsSingleton(dead_count), dead_files=side.AsList(dead_files)))
+
+
+def run(argv=None):
+    """Runs the job; returns the manifest it wrote (a dict)."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    _check_args(args)
+    options = PipelineOptions(beam_args)
+    if options.view_as(StandardOptions).runner is None:
+        # The portable default (Prism) downloads a binary at start; DirectRunner needs nothing.
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    args.output = args.output.rstrip("/")
+    _prepare_output(args.output, args.overwrite)
+    with beam.Pipeline(options=options) as pipeline:
+        build_pipeline(pipeline, args)
+    with FileSystems.open(FileSystems.join(args.output, MANIFEST_NAME)) as handle:
+        return json.loads(handle.read())
+
+
+def main(argv=None):
+    logging.getLogger().setLevel(logging.WARNING)
+    manifest = run(argv)
+    summary = ", ".join(f"{split}: {info['num_examples']}" for split, info in
+                        manifest["splits"].items())
+    print(f"prepared {summary}; {manifest['dead_letters']['count']} dead letters; "
+          f"image shape {manifest['image_shape']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

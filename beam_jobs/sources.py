@@ -1,0 +1,181 @@
+"""Where raw images come from: a folder tree, a TFDS dataset, or bundled digits.
+
+Each source is a ``PTransform`` from a pipeline root to items::
+
+    {"id": str, "source_path": str, "split": str, "class_name": str,
+     "data": bytes | None, "pixels": np.ndarray | None}
+
+``data`` holds encoded file bytes (decoded and validated later, so that a
+corrupt file becomes a dead letter); ``pixels`` holds an in-memory uint8
+array (bundled digits).  ``class_names`` is the label vocabulary when the
+source knows it up front, else ``None`` (the job derives it from the items).
+"""
+
+import hashlib
+import posixpath
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io import fileio
+
+KNOWN_SPLITS = ("train", "test", "validation", "val", "valid", "unlabeled", "unlabelled")
+
+
+def hashed_split(key, test_fraction):
+    """``"test"`` for a deterministic ``test_fraction`` of keys, else ``"train"``."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2.0 ** 64 < test_fraction else "train"
+
+
+def folder_item(path, root, data, test_fraction):
+    """An item for the file at ``path`` under ``root``, its split and class from the tree.
+
+    ``root/<split>/<class>/.../file`` when the first folder is a split name
+    (train, test, validation, ...); ``root/<class>/.../file`` otherwise, with a
+    hashed held-out split; a file directly under ``root`` is unlabelled.
+    """
+    relative = posixpath.relpath(path.replace("\\", "/"), root.replace("\\", "/").rstrip("/"))
+    parts = relative.split("/")
+    if len(parts) >= 3 and parts[0] in KNOWN_SPLITS:
+        split, class_name = parts[0], parts[1]
+    else:
+        split = hashed_split(relative, test_fraction)
+        class_name = parts[0] if len(parts) >= 2 else ""
+    return {"id": relative, "source_path": path, "split": split, "class_name": class_name,
+            "data": data, "pixels": None}
+
+
+class ReadFolder(beam.PTransform):
+    """Every file under ``root`` (any Beam filesystem: local, gs://, ...)."""
+
+    class_names = None
+
+    def __init__(self, root, *, test_fraction):
+        super().__init__()
+        self.root = root.rstrip("/")
+        self.test_fraction = test_fraction
+
+    def expand(self, pipeline):
+        root, fraction = self.root, self.test_fraction
+        return (pipeline
+                | "MatchFiles" >> fileio.MatchFiles(f"{root}/**")
+                | "ReadMatches" >> fileio.ReadMatches()
+                | "ToItems" >> beam.Map(
+                    lambda f: folder_item(f.metadata.path, root, f.read(), fraction)))
+
+
+def digit_images():
+    """scikit-learn's bundled 8x8 digits as RGB uint8 ``[1797, 8, 8, 3]`` and labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1), digits.target.astype(np.int64)
+
+
+class ReadDigits(beam.PTransform):
+    """The 1,797 real handwritten digits that ship with scikit-learn (no network)."""
+
+    class_names = [str(digit) for digit in range(10)]
+
+    def __init__(self, *, test_fraction):
+        super().__init__()
+        self.test_fraction = test_fraction
+
+    def expand(self, pipeline):
+        images, labels = digit_images()
+        items = []
+        for index, (pixels, label) in enumerate(zip(images, labels)):
+            item_id = f"digits/{index:04d}"
+            items.append({"id": item_id, "source_path": f"sklearn.datasets.load_digits[{index}]",
+                          "split": hashed_split(item_id, self.test_fraction),
+                          "class_name": str(label), "data": None, "pixels": pixels})
+        return pipeline | "CreateDigits" >> beam.Create(items, reshuffle=False)
+
+
+class _ReadTfdsSlice(beam.DoFn):
+    """Reads one even slice of a TFDS split, keeping the encoded image bytes."""
+
+    def __init__(self, name, data_dir, image_key, label_key, class_names):
+        self.name, self.data_dir = name, data_dir
+        self.image_key, self.label_key, self.class_names = image_key, label_key, class_names
+
+    def setup(self):
+        import tensorflow_datasets as tfds
+
+        self._tfds = tfds
+        self._builder = tfds.builder(self.name, data_dir=self.data_dir)
+
+    def process(self, element):
+        split, index, count = element
+        tfds = self._tfds
+        sub_split = tfds.even_splits(split, count)[index]
+        dataset = self._builder.as_dataset(
+            split=sub_split, shuffle_files=False,
+            decoders={self.image_key: tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(add_tfds_id=True))
+        for position, example in enumerate(tfds.as_numpy(dataset)):
+            tfds_id = example.get("tfds_id", b"")
+            tfds_id = tfds_id.decode() if tfds_id else f"{split}-{index}-{position}"
+            image = example[self.image_key]
+            label = int(example[self.label_key]) if self.label_key else -1
+            yield {"id": f"tfds/{self.name}/{tfds_id}",
+                   "source_path": f"tfds:{self.name}/{tfds_id}", "split": split,
+                   "class_name": self.class_names[label] if label >= 0 else "",
+                   "data": image if isinstance(image, bytes) else None,
+                   "pixels": None if isinstance(image, bytes) else np.asarray(image)}
+
+
+class ReadTfds(beam.PTransform):
+    """A TFDS image dataset (``tfds:NAME`` or ``tfds:NAME:SPLIT,SPLIT``).
+
+    Downloads and prepares the dataset on the launching machine when it is
+    not yet in ``data_dir`` (needs network); then reads each split in
+    ``slices`` even slices in parallel.
+    """
+
+    def __init__(self, spec, *, data_dir=None, slices=8):
+        super().__init__()
+        import tensorflow_datasets as tfds
+
+        name, _, splits = spec.partition(":")
+        builder = tfds.builder(name, data_dir=data_dir)
+        builder.download_and_prepare()
+        features = builder.info.features
+        image_keys = [key for key, feature in features.items()
+                      if isinstance(feature, tfds.features.Image)]
+        if not image_keys:
+            raise ValueError(f"--source tfds:{name}: the dataset has no image feature "
+                             f"(features: {sorted(features)})")
+        label_keys = [key for key, feature in features.items()
+                      if isinstance(feature, tfds.features.ClassLabel)]
+        self.name, self.data_dir, self.slices = name, data_dir, slices
+        self.image_key = image_keys[0]
+        self.label_key = "label" if "label" in label_keys else (label_keys[0] if label_keys else None)
+        self.class_names = list(features[self.label_key].names) if self.label_key else []
+        available = list(builder.info.splits)
+        self.splits = splits.split(",") if splits else available
+        unknown = [split for split in self.splits if split not in available]
+        if unknown:
+            raise ValueError(f"--source tfds:{spec}: unknown split(s) {unknown}; "
+                             f"the dataset has {available}")
+
+    def expand(self, pipeline):
+        slices = [(split, index, self.slices) for split in self.splits
+                  for index in range(self.slices)]
+        return (pipeline
+                | "CreateSlices" >> beam.Create(slices)
+                | "ReadSlices" >> beam.ParDo(_ReadTfdsSlice(
+                    self.name, self.data_dir, self.image_key, self.label_key, self.class_names)))
+
+
+def source_transform(spec, *, test_fraction, tfds_data_dir=None):
+    """The source ``PTransform`` for a ``--source`` value."""
+    if spec == "digits":
+        return ReadDigits(test_fraction=test_fraction)
+    if spec.startswith("folder:") and len(spec) > len("folder:"):
+        return ReadFolder(spec[len("folder:"):], test_fraction=test_fraction)
+    if spec.startswith("tfds:") and len(spec) > len("tfds:"):
+        return ReadTfds(spec[len("tfds:"):], data_dir=tfds_data_dir)
+    raise ValueError(f"--source must be 'digits', 'folder:PATH' or 'tfds:NAME[:SPLIT,...]', "
+                     f"received {spec!r}")
