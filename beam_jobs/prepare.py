@@ -173,6 +173,8 @@ class WriteManifest(beam.DoFn):
 
     def process(self, _, shards, shards_per_split, class_names, stats, shapes, input_count,
                 dead_count, dead_files):
+        if input_count == 0:
+            raise ValueError(f"--source {self.source} yielded no inputs; no manifest written")
         shards = list(shards)
         present = {(info["split"], info["file"]) for info in shards}
         for split, count in shards_per_split.items():  # hash sharding can leave a shard empty
@@ -238,6 +240,8 @@ def build_parser():
                         help="reject images whose shorter side is below this (default 8)")
     parser.add_argument("--tfds-data-dir", default=None,
                         help="TFDS data directory for tfds: sources (default: TFDS's own)")
+    parser.add_argument("--tfds-slices", type=int, default=8,
+                        help="read each TFDS split in this many parallel slices (default 8)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing prepared dataset in --output")
     return parser
@@ -250,6 +254,8 @@ def _check_args(args):
         raise ValueError(f"--num-shards must be >= 1, received {args.num_shards}")
     if not 0.0 <= args.test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in [0, 1), received {args.test_fraction}")
+    if args.tfds_slices < 1:
+        raise ValueError(f"--tfds-slices must be >= 1, received {args.tfds_slices}")
     if args.min_size < 1:
         raise ValueError(f"--min-size must be >= 1, received {args.min_size}")
 
@@ -276,7 +282,7 @@ def _prepare_output(output, overwrite):
 def build_pipeline(pipeline, args):
     """Adds the preparation transforms to ``pipeline``; returns the manifest PCollection."""
     source = source_transform(args.source, test_fraction=args.test_fraction,
-                              tfds_data_dir=args.tfds_data_dir)
+                              tfds_data_dir=args.tfds_data_dir, tfds_slices=args.tfds_slices)
     items = pipeline | "Read" >> source
     if source.class_names is not None:
         class_names = pipeline | "KnownClasses" >> beam.Create([list(source.class_names)])

@@ -153,9 +153,12 @@ class ReadTfds(beam.PTransform):
         self.image_key = image_keys[0]
         self.label_key = "label" if "label" in label_keys else (label_keys[0] if label_keys else None)
         self.class_names = list(features[self.label_key].names) if self.label_key else []
-        available = list(builder.info.splits)
+        available = list(builder.info.splits.keys())
         self.splits = splits.split(",") if splits else available
-        unknown = [split for split in self.splits if split not in available]
+        if not self.splits:
+            raise ValueError(f"--source tfds:{spec}: the dataset records no splits; name them, "
+                             f"e.g. tfds:{name}:train,test")
+        unknown = [split for split in self.splits if available and split not in available]
         if unknown:
             raise ValueError(f"--source tfds:{spec}: unknown split(s) {unknown}; "
                              f"the dataset has {available}")
@@ -169,13 +172,13 @@ class ReadTfds(beam.PTransform):
                     self.name, self.data_dir, self.image_key, self.label_key, self.class_names)))
 
 
-def source_transform(spec, *, test_fraction, tfds_data_dir=None):
+def source_transform(spec, *, test_fraction, tfds_data_dir=None, tfds_slices=8):
     """The source ``PTransform`` for a ``--source`` value."""
     if spec == "digits":
         return ReadDigits(test_fraction=test_fraction)
     if spec.startswith("folder:") and len(spec) > len("folder:"):
         return ReadFolder(spec[len("folder:"):], test_fraction=test_fraction)
     if spec.startswith("tfds:") and len(spec) > len("tfds:"):
-        return ReadTfds(spec[len("tfds:"):], data_dir=tfds_data_dir)
+        return ReadTfds(spec[len("tfds:"):], data_dir=tfds_data_dir, slices=tfds_slices)
     raise ValueError(f"--source must be 'digits', 'folder:PATH' or 'tfds:NAME[:SPLIT,...]', "
                      f"received {spec!r}")

@@ -7,8 +7,6 @@ Each subcommand lives in its own module and registers itself through
 import argparse
 import sys
 
-from pipeline import __doc__ as _pipeline_doc  # noqa: F401  (package import check)
-
 VERSION = "0.1.0"
 
 
@@ -21,6 +19,14 @@ def _version(args):
     return 0
 
 
+# Commands whose flags belong to another module's parser (Beam jobs also take
+# PipelineOptions flags); the rest of argv is handed over untouched.
+PASSTHROUGH = {
+    "prepare": ("beam_jobs.prepare", "prepare a dataset with Beam: raw images -> TFRecord shards "
+                                     "+ manifest (see `ascl prepare --help`)"),
+}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="ascl",
@@ -29,12 +35,19 @@ def build_parser():
                     "for TF Serving.")
     parser.add_argument("--version", action="version", version=f"ascl {VERSION}")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in PASSTHROUGH.items():
+        subcommands.add_parser(name, help=help_text, add_help=False)
     version = subcommands.add_parser("version", help="print the versions of ascl, TF and Keras")
     version.set_defaults(handler=_version)
     return parser
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

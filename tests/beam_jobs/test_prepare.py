@@ -1,0 +1,276 @@
+"""The preparation job on the real DirectRunner, over image trees made here."""
+
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from beam_jobs.prepare import run, shard_of
+from beam_jobs.sources import digit_images, hashed_split
+from pipeline.prepared_dataset import DatasetError, decode_example, load_manifest, read_split
+
+SIZE = 16
+
+
+def _pixels(seed, size=SIZE):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _encode(image, fmt, **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _write(root, relative, data):
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory):
+    """Valid images in every convertible mode plus four kinds of bad file.
+
+    Returns the root and, for lossless inputs, the RGB pixels each id should read back as.
+    """
+    root = tmp_path_factory.mktemp("images")
+    expected = {}
+    for index in range(4):
+        pixels = _pixels(index)
+        _write(root, f"train/cat/{index}.png", _encode(Image.fromarray(pixels), "PNG"))
+        expected[f"train/cat/{index}.png"] = pixels
+    for index in range(3):
+        _write(root, f"train/dog/{index}.jpg", _encode(Image.fromarray(_pixels(10 + index)), "JPEG"))
+    gray = _pixels(20)[..., 0]
+    _write(root, "test/cat/gray.png", _encode(Image.fromarray(gray, "L"), "PNG"))
+    expected["test/cat/gray.png"] = np.repeat(gray[..., None], 3, axis=-1)
+    rgba = np.concatenate([_pixels(21), np.full((SIZE, SIZE, 1), 128, np.uint8)], axis=-1)
+    _write(root, "test/dog/rgba.png", _encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    expected["test/dog/rgba.png"] = rgba[..., :3]
+    sixteen = (np.arange(SIZE * SIZE, dtype=np.uint16).reshape(SIZE, SIZE) * 257)
+    _write(root, "train/cat/deep.png", _encode(Image.fromarray(sixteen, "I;16"), "PNG"))
+    expected["train/cat/deep.png"] = np.repeat(
+        (np.arange(SIZE * SIZE).reshape(SIZE, SIZE) % 256).astype(np.uint8)[..., None], 3, -1)
+    _write(root, "train/dog/cmyk.jpg", _encode(Image.fromarray(_pixels(22)).convert("CMYK"), "JPEG"))
+    palette = Image.fromarray(_pixels(23)).convert("P")
+    _write(root, "test/cat/palette.png", _encode(palette, "PNG"))
+    expected["test/cat/palette.png"] = np.asarray(palette.convert("RGB"))
+    # bad inputs
+    jpeg = _encode(Image.fromarray(_pixels(30)), "JPEG")
+    _write(root, "train/dog/truncated.jpg", jpeg[: len(jpeg) // 2])
+    _write(root, "train/cat/empty.jpg", b"")
+    _write(root, "test/dog/text.jpg", b"this is not an image\n")
+    _write(root, "train/cat/tiny.png", _encode(Image.fromarray(_pixels(31, size=4)), "PNG"))
+    return root, expected
+
+
+def _read_all(manifest, split):
+    """``{id: (pixels, label)}``: every record of a split, decoded as training decodes it."""
+    examples = {}
+    for shard in manifest["splits"][split]["shards"]:
+        for record in tf.data.TFRecordDataset(os.path.join(manifest["directory"], shard["file"])):
+            example = tf.train.Example.FromString(record.numpy())
+            image, label = decode_example(record, manifest["image_shape"])
+            examples[example.features.feature["id"].bytes_list.value[0].decode()] = (
+                image.numpy(), int(label))
+    return examples
+
+
+@pytest.fixture(scope="module")
+def prepared(image_tree, tmp_path_factory):
+    root, _ = image_tree
+    output = tmp_path_factory.mktemp("prepared") / "out"
+    written = run(["--source", f"folder:{root}", "--output", str(output), "--num-shards", "3"])
+    manifest = load_manifest(str(output))
+    assert manifest["splits"] == written["splits"]
+    return output, manifest
+
+
+def test_counts_labels_and_nothing_lost(prepared):
+    output, manifest = prepared
+    assert manifest["class_names"] == ["cat", "dog"]
+    assert manifest["image_shape"] == [SIZE, SIZE, 3]
+    assert manifest["splits"]["train"]["num_examples"] == 9
+    assert manifest["splits"]["test"]["num_examples"] == 3
+    assert manifest["dead_letters"]["count"] == 4
+    assert manifest["num_inputs"] == 16 == 9 + 3 + 4
+    assert [s["file"] for s in manifest["splits"]["train"]["shards"]] == [
+        f"train-0000{i}-of-00003.tfrecord" for i in range(3)]
+    on_disk = json.loads((output / "manifest.json").read_text())
+    assert on_disk["splits"] == manifest["splits"]
+
+
+def test_dead_letters_name_path_and_reason(prepared):
+    output, manifest = prepared
+    (name,) = manifest["dead_letters"]["files"]
+    lines = [json.loads(line) for line in (output / name).read_text().splitlines()]
+    reasons = {os.path.basename(line["path"]): line["reason"] for line in lines}
+    assert set(reasons) == {"truncated.jpg", "empty.jpg", "text.jpg", "tiny.png"}
+    assert reasons["empty.jpg"] == "empty file"
+    assert reasons["text.jpg"].startswith("undecodable bytes")
+    assert reasons["truncated.jpg"].startswith("undecodable bytes")
+    assert reasons["tiny.png"].startswith("too small: 4x4")
+
+
+def test_pixels_and_labels_round_trip(prepared, image_tree):
+    _, expected = image_tree
+    _, manifest = prepared
+    examples = {**_read_all(manifest, "train"), **_read_all(manifest, "test")}
+    assert len(examples) == 12
+    for example_id, pixels in expected.items():
+        image, label = examples[example_id]
+        assert image.dtype == np.uint8 and image.shape == (SIZE, SIZE, 3)
+        np.testing.assert_array_equal(image, pixels, err_msg=example_id)
+        assert label == (0 if "/cat/" in example_id else 1)
+    assert examples["train/dog/cmyk.jpg"][0].shape == (SIZE, SIZE, 3)
+
+
+def test_reader_yields_every_example_of_a_split(prepared):
+    _, manifest = prepared
+    expected = sorted((label, image.tobytes()) for image, label in _read_all(manifest, "train").values())
+    dataset = read_split(manifest, "train")
+    assert dataset.element_spec[0].shape == (SIZE, SIZE, 3)
+    assert sorted((int(label), image.tobytes())
+                  for image, label in dataset.as_numpy_iterator()) == expected
+
+
+def test_shards_follow_the_id_hash_sorted(prepared):
+    output, manifest = prepared
+    for shard in manifest["splits"]["train"]["shards"]:
+        index = int(shard["file"].split("-")[1])
+        ids = [tf.train.Example.FromString(r.numpy()).features.feature["id"].bytes_list.value[0]
+               .decode() for r in tf.data.TFRecordDataset(str(output / shard["file"]))]
+        assert ids == sorted(ids) and len(ids) == shard["num_examples"]
+        assert all(shard_of(i, 3) == index for i in ids)
+        data = (output / shard["file"]).read_bytes()
+        assert shard["size_bytes"] == len(data)
+        assert shard["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_train_statistics_match_numpy(prepared):
+    _, manifest = prepared
+    images = np.stack([image for image, _ in _read_all(manifest, "train").values()])
+    pixels = images.reshape(-1, 3).astype(np.float64)
+    stats = manifest["train_statistics"]
+    np.testing.assert_allclose(stats["mean"], pixels.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(stats["std"], pixels.std(axis=0), rtol=1e-9)
+
+
+def test_two_runs_write_byte_identical_shards(prepared, image_tree, tmp_path):
+    root, _ = image_tree
+    output, first = prepared
+    second = run(["--source", f"folder:{root}", "--output", str(tmp_path / "again"),
+                  "--num-shards", "3"])
+    for split in ("train", "test"):
+        assert first["splits"][split] == second["splits"][split]
+        for shard in first["splits"][split]["shards"]:
+            assert (output / shard["file"]).read_bytes() == (
+                tmp_path / "again" / shard["file"]).read_bytes()
+
+
+def test_existing_dataset_is_refused_unless_overwrite(image_tree, tmp_path):
+    root, _ = image_tree
+    output = tmp_path / "out"
+    args = ["--source", f"folder:{root}", "--output", str(output), "--num-shards", "2"]
+    run(args)
+    with pytest.raises(FileExistsError, match=f"{output}.*--overwrite"):
+        run(args)
+    manifest = run(args[:-1] + ["1", "--overwrite"])
+    assert sorted(p.name for p in output.glob("*.tfrecord")) == [
+        "test-00000-of-00001.tfrecord", "train-00000-of-00001.tfrecord"]
+    assert manifest["splits"]["train"]["num_examples"] == 9
+
+
+def test_class_folders_without_splits_get_a_hashed_test_split(tmp_path):
+    root = tmp_path / "flat"
+    for label in ("a", "b", "c"):
+        for index in range(10):
+            _write(root, f"{label}/nested/{index}.png",
+                   _encode(Image.fromarray(_pixels(index)), "PNG"))
+    manifest = run(["--source", f"folder:{root}", "--output", str(tmp_path / "out"),
+                    "--test-fraction", "0.3", "--image-size", "8"])
+    expected_test = sum(hashed_split(f"{label}/nested/{index}.png", 0.3) == "test"
+                        for label in "abc" for index in range(10))
+    assert 0 < expected_test < 30
+    assert manifest["splits"]["test"]["num_examples"] == expected_test
+    assert manifest["splits"]["train"]["num_examples"] == 30 - expected_test
+    assert manifest["class_names"] == ["a", "b", "c"] and manifest["image_shape"] == [8, 8, 3]
+
+
+def test_mixed_sizes_need_image_size(tmp_path):
+    root = tmp_path / "mixed"
+    _write(root, "train/a/0.png", _encode(Image.fromarray(_pixels(0, size=16)), "PNG"))
+    _write(root, "train/a/1.png", _encode(Image.fromarray(_pixels(1, size=20)), "PNG"))
+    with pytest.raises(Exception, match="--image-size"):
+        run(["--source", f"folder:{root}", "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    manifest = run(["--source", f"folder:{root}", "--output", str(tmp_path / "out2"),
+                    "--image-size", "12"])
+    assert manifest["image_shape"] == [12, 12, 3]
+
+
+def test_digits_source(tmp_path):
+    run(["--output", str(tmp_path / "digits")])
+    manifest = load_manifest(str(tmp_path / "digits"))
+    assert manifest["source"] == "digits" and manifest["num_inputs"] == 1797
+    assert manifest["class_names"] == [str(d) for d in range(10)]
+    counts = {split: info["num_examples"] for split, info in manifest["splits"].items()}
+    assert sum(counts.values()) == 1797 and 250 < counts["test"] < 470
+    images, labels = digit_images()
+    examples = _read_all(manifest, "test")
+    image, label = examples["digits/0000"] if "digits/0000" in examples else next(
+        (v for k, v in _read_all(manifest, "train").items() if k == "digits/0000"))
+    np.testing.assert_array_equal(image, images[0])
+    assert label == labels[0]
+
+
+def test_tfds_source_through_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        # mock_data ignores split slicing, so read each split as one slice
+        run(["--source", "tfds:mnist:train,test", "--output", str(tmp_path / "mnist"),
+             "--tfds-slices", "1"])
+    manifest = load_manifest(str(tmp_path / "mnist"))
+    assert manifest["class_names"] == [str(d) for d in range(10)]
+    assert manifest["image_shape"] == [28, 28, 3]
+    assert {s: i["num_examples"] for s, i in manifest["splits"].items()} == {"train": 12, "test": 12}
+    image, label = next(read_split(manifest, "train").as_numpy_iterator())
+    assert image.shape == (28, 28, 3) and 0 <= label < 10
+    np.testing.assert_array_equal(image[..., 0], image[..., 1])  # grayscale became RGB
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--source", "images"], "--source must be"),
+    (["--image-size", "0"], "--image-size must be >= 1"),
+    (["--test-fraction", "1.5"], "--test-fraction must be in"),
+    (["--source", "folder:/nonexistent/images"], "yielded no inputs|No files found"),
+])
+def test_bad_arguments_are_named(tmp_path, argv, message):
+    with pytest.raises(ValueError, match=message):
+        run(argv + ["--output", str(tmp_path / "x")])
+
+
+def test_reader_refuses_unfinished_or_damaged_datasets(prepared, tmp_path):
+    with pytest.raises(DatasetError, match="not a prepared dataset"):
+        load_manifest(str(tmp_path))
+    output, manifest = prepared
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for path in output.iterdir():
+        (damaged / path.name).write_bytes(path.read_bytes())
+    shard = manifest["splits"]["train"]["shards"][0]["file"]
+    (damaged / shard).write_bytes((damaged / shard).read_bytes()[:-5])
+    with pytest.raises(DatasetError, match=f"{shard} has .* bytes but the manifest records"):
+        load_manifest(str(damaged))
+    (damaged / shard).unlink()
+    with pytest.raises(DatasetError, match="missing"):
+        load_manifest(str(damaged))
+    with pytest.raises(DatasetError, match="split 'validation' is not in"):
+        read_split(manifest, "validation")
