@@ -1,0 +1,266 @@
+"""Experiment configuration: one YAML file per experiment, overridable from the CLI.
+
+A config has fixed sections and keys (the dataclasses below, which are also
+the documentation of every setting).  Loading checks everything before any
+work starts: an unknown or misspelt key, a value of the wrong type or out of
+range raises ``ConfigError`` naming ``section.key``.
+
+    config = load_config("configs/cifar10_resnet18.yaml", ["optimizer.lr=0.03"])
+"""
+
+import dataclasses
+import difflib
+import typing
+
+import yaml
+
+from models.backbones import BACKBONES, STEMS
+from models.normalization import NORMALIZATIONS
+from models.objective import MODES
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending ``section.key``."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset: str = ""                 # folder written by `ascl prepare` (local or gs://)
+    train_split: str = "train"
+    eval_split: str = "test"          # labelled split for the kNN monitor and evaluation
+    key_view: str = "weak"            # "weak" (crop + flip) or "strong" (the paper's ablation)
+    blur: str = "auto"                # "auto" (on from 64 px), "on" or "off"
+    crop_min_scale: float = 0.2
+    shuffle_buffer: int = 10_000
+    cache: bool = True
+    train_limit: int = 0              # use only the first N training images (0: all)
+    eval_limit: int = 0               # use only the first N images of each eval split (0: all)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    stem: str = "cifar"
+    norm: str = "split"
+    bn_splits: int = 8
+    projector_hidden: typing.List[int] = dataclasses.field(default_factory=lambda: [2048])
+    projector_dim: int = 128
+    projector_norm: str = "none"
+
+
+@dataclasses.dataclass
+class AsclConfig:
+    mode: str = "ascl"
+    memory_size: int = 4096
+    momentum: float = 0.99
+    t1: float = 0.1
+    t2: float = 0.05
+    num_neighbors: int = 5
+    shuffle_keys: bool = True
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    batch_size: int = 256             # global batch size
+    lr: float = 0.06                  # base learning rate at reference_batch_size
+    lr_scaling: str = "linear"        # "linear": lr * batch_size / reference_batch_size; "none"
+    reference_batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4        # L2 on every trainable weight, as torch.optim.SGD does
+    warmup_epochs: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 200
+    seed: int = 0
+    strategy: str = "auto"            # auto | default | mirrored | multi_worker
+    mixed_precision: str = "none"     # none | mixed_bfloat16 | mixed_float16
+    jit_compile: str = "auto"         # auto | on | off
+    steps_per_execution: int = 1
+    checkpoint_every: int = 10        # epochs between checkpoints
+    knn_every: int = 10               # epochs between kNN evaluations (0: never)
+    view_images: int = 4              # augmented pairs written to TensorBoard at the start
+    verbose: str = "auto"             # Keras progress: auto | 0 | 1 | 2
+
+
+@dataclasses.dataclass
+class EvaluationConfig:
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    batch_size: int = 512
+    linear_epochs: int = 100
+    linear_lr: float = 10.0
+    linear_milestones: typing.List[int] = dataclasses.field(default_factory=lambda: [60, 80])
+    linear_batch_size: int = 256
+    projector_samples: int = 1000     # test embeddings written for TensorBoard's projector
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    ascl: AsclConfig = dataclasses.field(default_factory=AsclConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _suggest(name, choices):
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(path, value, annotation):
+    """Checks ``value`` against a field type; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.List):
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list of {item_type.__name__}, received {value!r}")
+        return [_coerce(f"{path}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, received {value!r}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, annotation) or isinstance(value, bool) and annotation is not bool:
+        raise ConfigError(f"{path} must be of type {annotation.__name__}, received {value!r} "
+                          f"({type(value).__name__})")
+    return value
+
+
+def _choice(path, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{path} must be one of {list(choices)}, received {value!r}")
+
+
+def _at_least(path, value, low):
+    if value < low:
+        raise ConfigError(f"{path} must be >= {low}, received {value!r}")
+
+
+def _positive(path, value):
+    if not value > 0:
+        raise ConfigError(f"{path} must be > 0, received {value!r}")
+
+
+def validate(config):
+    """Range and consistency checks; raises ``ConfigError`` naming the key."""
+    d, m, a, o, t, e = (config.data, config.model, config.ascl, config.optimizer, config.train,
+                        config.evaluation)
+    _choice("data.key_view", d.key_view, ("weak", "strong"))
+    _choice("data.blur", d.blur, ("auto", "on", "off"))
+    if not 0.0 < d.crop_min_scale <= 1.0:
+        raise ConfigError(f"data.crop_min_scale must be in (0, 1], received {d.crop_min_scale!r}")
+    _at_least("data.shuffle_buffer", d.shuffle_buffer, 1)
+    _at_least("data.train_limit", d.train_limit, 0)
+    _at_least("data.eval_limit", d.eval_limit, 0)
+    _choice("model.backbone", m.backbone, BACKBONES)
+    _choice("model.stem", m.stem, STEMS)
+    _choice("model.norm", m.norm, NORMALIZATIONS)
+    _choice("model.projector_norm", m.projector_norm, NORMALIZATIONS)
+    _at_least("model.bn_splits", m.bn_splits, 1)
+    _at_least("model.projector_dim", m.projector_dim, 1)
+    for index, width in enumerate(m.projector_hidden):
+        _at_least(f"model.projector_hidden[{index}]", width, 1)
+    _choice("ascl.mode", a.mode, MODES)
+    _at_least("ascl.memory_size", a.memory_size, 1)
+    _at_least("ascl.num_neighbors", a.num_neighbors, 1)
+    if a.num_neighbors > a.memory_size:
+        raise ConfigError(f"ascl.num_neighbors must be <= ascl.memory_size ({a.memory_size}), "
+                          f"received {a.num_neighbors}")
+    if not 0.0 <= a.momentum <= 1.0:
+        raise ConfigError(f"ascl.momentum must be in [0, 1], received {a.momentum!r}")
+    _positive("ascl.t1", a.t1)
+    _positive("ascl.t2", a.t2)
+    _at_least("optimizer.batch_size", o.batch_size, 1)
+    _positive("optimizer.lr", o.lr)
+    _choice("optimizer.lr_scaling", o.lr_scaling, ("linear", "none"))
+    _at_least("optimizer.reference_batch_size", o.reference_batch_size, 1)
+    if not 0.0 <= o.momentum < 1.0:
+        raise ConfigError(f"optimizer.momentum must be in [0, 1), received {o.momentum!r}")
+    _at_least("optimizer.weight_decay", o.weight_decay, 0.0)
+    _at_least("optimizer.warmup_epochs", o.warmup_epochs, 0.0)
+    _at_least("train.epochs", t.epochs, 1)
+    _choice("train.strategy", t.strategy, ("auto", "default", "mirrored", "multi_worker"))
+    _choice("train.mixed_precision", t.mixed_precision, ("none", "mixed_bfloat16", "mixed_float16"))
+    _choice("train.jit_compile", t.jit_compile, ("auto", "on", "off"))
+    _at_least("train.steps_per_execution", t.steps_per_execution, 1)
+    _at_least("train.checkpoint_every", t.checkpoint_every, 1)
+    _at_least("train.knn_every", t.knn_every, 0)
+    _at_least("train.view_images", t.view_images, 0)
+    _choice("train.verbose", t.verbose, ("auto", "0", "1", "2"))
+    _at_least("evaluation.knn_k", e.knn_k, 1)
+    _positive("evaluation.knn_temperature", e.knn_temperature)
+    _at_least("evaluation.batch_size", e.batch_size, 1)
+    _at_least("evaluation.linear_epochs", e.linear_epochs, 0)
+    _positive("evaluation.linear_lr", e.linear_lr)
+    _at_least("evaluation.linear_batch_size", e.linear_batch_size, 1)
+    _at_least("evaluation.projector_samples", e.projector_samples, 0)
+    return config
+
+
+def from_dict(raw):
+    """A validated ``Config`` from nested dicts (as read from YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, received {type(raw).__name__}")
+    sections = {field.name: field for field in dataclasses.fields(Config)}
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown section {name!r}{_suggest(name, sections)}; "
+                              f"sections are {list(sections)}")
+        section_type = sections[name].default_factory
+        fields = {f.name: f for f in dataclasses.fields(section_type)}
+        hints = typing.get_type_hints(section_type)
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {name!r} must be a mapping, received {values!r}")
+        kwargs = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"unknown key {name}.{key}{_suggest(key, fields)}; "
+                                  f"{name} has {list(fields)}")
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        built[name] = section_type(**kwargs)
+    return validate(Config(**built))
+
+
+def apply_overrides(raw, overrides):
+    """Applies ``section.key=value`` strings (values parsed as YAML) to nested dicts."""
+    raw = {section: dict(values or {}) for section, values in (raw or {}).items()}
+    for override in overrides or []:
+        path, sep, text = override.partition("=")
+        if not sep or path.count(".") != 1:
+            raise ConfigError(f"--set expects section.key=value, received {override!r}")
+        section, key = path.split(".")
+        raw.setdefault(section, {})[key] = yaml.safe_load(text)
+    return raw
+
+
+def load_config(path=None, overrides=None):
+    """Reads a YAML config (or the defaults), applies overrides, validates."""
+    raw = {}
+    if path:
+        try:
+            with open(path) as handle:
+                raw = yaml.safe_load(handle)
+        except FileNotFoundError as error:
+            raise ConfigError(f"config file {path} does not exist") from error
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def dump_config(config, path):
+    with open(path, "w") as handle:
+        yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
