@@ -70,6 +70,10 @@ class ASCLModel(keras.Model):
       shuffle_keys: shuffle the key batch within each replica around the key
         encoder (MoCo's shuffled BN).
       seed: seeds the initial queue and the key shuffles.
+      weight_decay: coefficient of an L2 penalty ``wd/2 * sum ||w||^2`` on every
+        trainable query weight, added to the loss so that, as with
+        ``torch.optim.SGD(weight_decay=...)`` in the reference, the decay
+        passes through the optimiser's momentum.
 
     ``fit`` takes elements ``(strong_view, weak_view)``, optionally followed
     by labels, or dicts with keys ``"strong_view"`` and ``"weak_view"``;
@@ -87,7 +91,7 @@ class ASCLModel(keras.Model):
 
     def __init__(self, backbone, projector, *, memory_size=4096, momentum=0.99, t1=0.1,
                  t2=0.05, num_neighbors=5, mode="ascl", shuffle_keys=True, seed=None,
-                 **kwargs):
+                 weight_decay=0.0, **kwargs):
         super().__init__(**kwargs)
         validate_objective_args(t1=t1, t2=t2, num_neighbors=num_neighbors, mode=mode,
                                 memory_size=memory_size)
@@ -101,6 +105,9 @@ class ASCLModel(keras.Model):
         self.mode = mode
         self.shuffle_keys = bool(shuffle_keys)
         self.seed = seed
+        if not weight_decay >= 0.0:
+            raise ValueError(f"`weight_decay` must be >= 0, received weight_decay={weight_decay!r}")
+        self.weight_decay = float(weight_decay)
 
         self.backbone = backbone
         self.projector = projector
@@ -195,6 +202,11 @@ class ASCLModel(keras.Model):
             loss = tf.reduce_sum(per_example_loss) / global_batch
             if self.query_encoder.losses:
                 loss += tf.add_n(self.query_encoder.losses) / num_replicas
+            if self.weight_decay:
+                # Every replica adds its share; the all-reduced sum is wd * w.
+                penalty = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
+                                    for v in variables])
+                loss += 0.5 * self.weight_decay * penalty / num_replicas
             scaled_loss = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply(gradients, variables)
@@ -259,6 +271,7 @@ class ASCLModel(keras.Model):
             "mode": self.mode,
             "shuffle_keys": self.shuffle_keys,
             "seed": self.seed,
+            "weight_decay": self.weight_decay,
         }
 
     @classmethod

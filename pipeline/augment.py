@@ -35,6 +35,11 @@ def _uniform(seed, batch, low=0.0, high=1.0):
     return tf.random.stateless_uniform([batch], seed, low, high)
 
 
+def _batch_size(images):
+    """The static batch size when known: keeps shapes static for XLA and grappler."""
+    return images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
+
+
 def _per_image(mask):
     return tf.reshape(mask, [-1, 1, 1, 1])
 
@@ -45,7 +50,7 @@ def _grayscale(images):
 
 def random_resized_crop(images, seed, *, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
     """Crops a random area fraction in ``scale`` with aspect ratio in ``ratio``, resized to ``size``."""
-    batch = tf.shape(images)[0]
+    batch = _batch_size(images)
     height = tf.cast(tf.shape(images)[1], tf.float32)
     width = tf.cast(tf.shape(images)[2], tf.float32)
     area_seed, ratio_seed, y_seed, x_seed = _split(seed, 4)
@@ -62,13 +67,13 @@ def random_resized_crop(images, seed, *, size, scale=(0.2, 1.0), ratio=(3 / 4, 4
 
 def random_flip(images, seed):
     """Mirrors each image left-right with probability 1/2."""
-    flip = _uniform(seed, tf.shape(images)[0]) < 0.5
+    flip = _uniform(seed, _batch_size(images)) < 0.5
     return tf.where(_per_image(flip), tf.reverse(images, axis=[2]), images)
 
 
 def color_jitter(images, seed, *, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8):
     """torchvision's ColorJitter with per-image factors, applied to each image with probability p."""
-    batch = tf.shape(images)[0]
+    batch = _batch_size(images)
     apply_seed, b_seed, c_seed, s_seed, h_seed = _split(seed, 5)
     out = images * _per_image(_uniform(b_seed, batch, 1 - brightness, 1 + brightness))
     out = tf.clip_by_value(out, 0.0, 1.0)
@@ -88,14 +93,14 @@ def color_jitter(images, seed, *, brightness=0.4, contrast=0.4, saturation=0.4, 
 def random_grayscale(images, seed, *, p=0.2):
     """Replaces each image by its luma in all three channels with probability p."""
     gray = tf.tile(_grayscale(images), [1, 1, 1, 3])
-    return tf.where(_per_image(_uniform(seed, tf.shape(images)[0]) < p), gray, images)
+    return tf.where(_per_image(_uniform(seed, _batch_size(images)) < p), gray, images)
 
 
 def gaussian_blur(images, seed, *, sigma=(0.1, 2.0), p=0.5):
     """Separable Gaussian blur, sigma per image, kernel about a tenth of the side, reflect padding."""
     size = images.shape[1]
     radius = max(1, int(0.1 * size) // 2)
-    batch = tf.shape(images)[0]
+    batch = _batch_size(images)
     apply_seed, sigma_seed = _split(seed, 2)
     sigmas = _uniform(sigma_seed, batch, *sigma)
     offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
@@ -116,16 +121,17 @@ def gaussian_blur(images, seed, *, sigma=(0.1, 2.0), p=0.5):
     return tf.where(_per_image(_uniform(apply_seed, batch) < p), blurred, images)
 
 
-def weak_view(images, seed, *, size, scale=(0.2, 1.0)):
-    """Crop + flip: the key's view."""
+def weak_view(images, seed, *, size, scale=(0.2, 1.0), flip=True):
+    """Crop + flip: the key's view (``flip=False`` for data whose mirror image means else, e.g. digits)."""
     crop_seed, flip_seed = _split(seed, 2)
-    return random_flip(random_resized_crop(images, crop_seed, size=size, scale=scale), flip_seed)
+    out = random_resized_crop(images, crop_seed, size=size, scale=scale)
+    return random_flip(out, flip_seed) if flip else out
 
 
-def strong_view(images, seed, *, size, blur=False, scale=(0.2, 1.0)):
+def strong_view(images, seed, *, size, blur=False, scale=(0.2, 1.0), flip=True):
     """Crop + flip + colour jitter (p=0.8) + grayscale (p=0.2) [+ blur (p=0.5)]: the query's view."""
     view_seed, jitter_seed, gray_seed, blur_seed = _split(seed, 4)
-    out = weak_view(images, view_seed, size=size, scale=scale)
+    out = weak_view(images, view_seed, size=size, scale=scale, flip=flip)
     out = random_grayscale(color_jitter(out, jitter_seed), gray_seed)
     return gaussian_blur(out, blur_seed) if blur else out
 
@@ -136,7 +142,7 @@ def padded_crop_and_flip(images, seed, *, padding):
     y_seed, x_seed, flip_seed = _split(seed, 3)
     padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]],
                     mode="REFLECT")
-    batch = tf.shape(images)[0]
+    batch = _batch_size(images)
     total = float(size + 2 * padding - 1)
     top = tf.floor(_uniform(y_seed, batch, 0, 2 * padding + 1)) / total
     left = tf.floor(_uniform(x_seed, batch, 0, 2 * padding + 1)) / total

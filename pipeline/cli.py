@@ -5,6 +5,7 @@ Each subcommand lives in its own module and registers itself through
 """
 
 import argparse
+import json
 import sys
 
 VERSION = "0.1.0"
@@ -27,6 +28,37 @@ PASSTHROUGH = {
 }
 
 
+def _train(args):
+    from pipeline.config import load_config
+    from pipeline.train import train
+
+    sets = list(args.set)
+    for flag, key in (("strategy", "train.strategy"), ("mixed_precision", "train.mixed_precision"),
+                      ("jit_compile", "train.jit_compile"), ("epochs", "train.epochs")):
+        if getattr(args, flag) is not None:
+            sets.append(f"{key}={getattr(args, flag)}")
+    config = load_config(args.config, sets)
+    summary = train(config, args.run_dir)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _evaluate(args):
+    from pipeline.evaluate import evaluate_run
+
+    report = evaluate_run(args.run_dir, checkpoint=args.checkpoint, output=args.output,
+                          linear=not args.no_linear, verbose=1)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _demo(args):
+    from pipeline.demo import run_demo
+
+    run_demo(args.workdir, epochs=args.epochs)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="ascl",
@@ -37,6 +69,35 @@ def build_parser():
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in PASSTHROUGH.items():
         subcommands.add_parser(name, help=help_text, add_help=False)
+    train = subcommands.add_parser(
+        "train", help="pre-train an ASCL encoder on a prepared dataset (resumes if interrupted)",
+        description="Pre-train with model.fit. Rerunning the same command after an "
+                    "interruption resumes from the last epoch backup.")
+    train.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    train.add_argument("--run-dir", required=True, help="where checkpoints, logs and history go")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. --set optimizer.lr=0.03 (repeatable)")
+    train.add_argument("--strategy", choices=["auto", "default", "mirrored", "multi_worker"],
+                       help="distribution strategy (default: the config's train.strategy)")
+    train.add_argument("--mixed-precision", choices=["none", "mixed_bfloat16", "mixed_float16"])
+    train.add_argument("--jit-compile", choices=["auto", "on", "off"], help="XLA")
+    train.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+    train.set_defaults(handler=_train)
+
+    evaluate = subcommands.add_parser(
+        "evaluate", help="kNN, linear probe and raw-pixel baseline for a trained run")
+    evaluate.add_argument("--run-dir", required=True)
+    evaluate.add_argument("--checkpoint", default="best", help="best, last or a weights path")
+    evaluate.add_argument("--output", help="report path (default RUN/evaluation.json)")
+    evaluate.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    evaluate.set_defaults(handler=_evaluate)
+
+    demo = subcommands.add_parser(
+        "demo", help="end to end on the bundled digits: prepare, train, evaluate, export")
+    demo.add_argument("--workdir", default="runs/demo", help="replaced if it exists")
+    demo.add_argument("--epochs", type=int, help="pre-training epochs (default: the config's)")
+    demo.set_defaults(handler=_demo)
+
     version = subcommands.add_parser("version", help="print the versions of ascl, TF and Keras")
     version.set_defaults(handler=_version)
     return parser
@@ -53,7 +114,18 @@ def main(argv=None):
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    return args.handler(args)
+    from pipeline.config import ConfigError
+    from pipeline.prepared_dataset import DatasetError
+    from pipeline.train import TrainingError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, DatasetError, FileNotFoundError) as error:
+        print(f"ascl {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingError as error:
+        print(f"ascl {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ class DataConfig:
     key_view: str = "weak"            # "weak" (crop + flip) or "strong" (the paper's ablation)
     blur: str = "auto"                # "auto" (on from 64 px), "on" or "off"
     crop_min_scale: float = 0.2
+    flip: bool = True                 # random horizontal flips (off for digits and text)
     shuffle_buffer: int = 10_000
     cache: bool = True
     train_limit: int = 0              # use only the first N training images (0: all)
@@ -81,7 +82,7 @@ class TrainConfig:
     checkpoint_every: int = 10        # epochs between checkpoints
     knn_every: int = 10               # epochs between kNN evaluations (0: never)
     view_images: int = 4              # augmented pairs written to TensorBoard at the start
-    verbose: str = "auto"             # Keras progress: auto | 0 | 1 | 2
+    verbose: int = 1                  # Keras progress: 1 progress bar, 2 one line per epoch, 0 silent
 
 
 @dataclasses.dataclass
@@ -93,6 +94,8 @@ class EvaluationConfig:
     linear_lr: float = 10.0
     linear_milestones: typing.List[int] = dataclasses.field(default_factory=lambda: [60, 80])
     linear_batch_size: int = 256
+    linear_augment: bool = True       # crop+flip views through the frozen backbone every epoch;
+                                      # false: train on features of centre views computed once
     projector_samples: int = 1000     # test embeddings written for TensorBoard's projector
 
 
@@ -128,6 +131,11 @@ def _coerce(path, value, annotation):
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot, no sign) as a string
+            return float(value)
+        except ValueError:
+            pass
     if annotation is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, annotation) or isinstance(value, bool) and annotation is not bool:
@@ -196,7 +204,7 @@ def validate(config):
     _at_least("train.checkpoint_every", t.checkpoint_every, 1)
     _at_least("train.knn_every", t.knn_every, 0)
     _at_least("train.view_images", t.view_images, 0)
-    _choice("train.verbose", t.verbose, ("auto", "0", "1", "2"))
+    _choice("train.verbose", t.verbose, (0, 1, 2))
     _at_least("evaluation.knn_k", e.knn_k, 1)
     _positive("evaluation.knn_temperature", e.knn_temperature)
     _at_least("evaluation.batch_size", e.batch_size, 1)

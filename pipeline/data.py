@@ -52,8 +52,8 @@ def _batch_seeds(seed, input_context):
 
 
 def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_context=None,
-                     strong_key=False, blur=False, crop_scale=(0.2, 1.0), shuffle_buffer=10_000,
-                     cache=True, limit=None):
+                     strong_key=False, blur=False, crop_scale=(0.2, 1.0), flip=True,
+                     shuffle_buffer=10_000, cache=True, limit=None):
     """Two-view batches for ``ASCLModel.fit``.
 
     Args:
@@ -67,6 +67,7 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
       strong_key: give the key the strong view too (the paper's ablation).
       blur: add Gaussian blur to the strong view.
       crop_scale: area range of the random resized crops.
+      flip: random horizontal flips in both views.
       shuffle_buffer: examples in the shuffle buffer.
       cache: keep decoded images in memory when they fit (4 GiB).
       limit: use only the first ``limit`` examples (quick runs, benchmarks).
@@ -80,17 +81,22 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
         images, labels = batch
         images = tf.cast(images, tf.float32) / 255.0
         strong_seed, weak_seed = tf.unstack(tf.random.experimental.stateless_split(batch_seed, 2))
-        strong = augment.strong_view(images, strong_seed, size=size, blur=blur, scale=crop_scale)
+        strong = augment.strong_view(images, strong_seed, size=size, blur=blur, scale=crop_scale,
+                                     flip=flip)
         if strong_key:
-            weak = augment.strong_view(images, weak_seed, size=size, blur=blur, scale=crop_scale)
+            weak = augment.strong_view(images, weak_seed, size=size, blur=blur, scale=crop_scale,
+                                       flip=flip)
         else:
-            weak = augment.weak_view(images, weak_seed, size=size, scale=crop_scale)
+            weak = augment.weak_view(images, weak_seed, size=size, scale=crop_scale, flip=flip)
         return {"strong_view": normalize(strong), "weak_view": normalize(weak), "label": labels}
 
     images = _images(manifest, split, input_context=input_context, cache=cache, limit=limit)
+    # Keras keeps one iterator across epochs when steps_per_epoch is set, so the
+    # data repeats; each pass is reshuffled and has exactly N // batch batches.
     batches = (images
                .shuffle(shuffle_buffer, seed=seed * 1009 + pipeline_id, reshuffle_each_iteration=True)
-               .batch(per_replica, drop_remainder=True))
+               .batch(per_replica, drop_remainder=True)
+               .repeat())
     return (tf.data.Dataset.zip(batches, _batch_seeds(seed, input_context))
             .map(views, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE))

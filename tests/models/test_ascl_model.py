@@ -33,6 +33,7 @@ def _keys(model, weak):
     (dict(memory_size=0), "memory_size"), (dict(num_neighbors=17), "num_neighbors"),
     (dict(t1=0.0), "t1"), (dict(t2=-0.5), "t2"), (dict(mode="byol"), "mode"),
     (dict(momentum=1.5), "momentum"), (dict(momentum=-0.1), "momentum"),
+    (dict(weight_decay=-1.0), "weight_decay"),
 ])
 def test_invalid_settings_raise_value_error_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"{name}="):
@@ -220,3 +221,17 @@ def test_mixed_precision_training_keeps_the_queue_in_float32():
     history = model.fit(tf.data.Dataset.from_tensors((strong, weak)), verbose=0)
     assert model.queue.dtype == "float32" and np.isfinite(history.history["loss"][0])
     np.testing.assert_allclose(np.linalg.norm(model.queue.numpy()[:8], axis=1), 1.0, atol=1e-5)
+
+
+def test_weight_decay_adds_wd_times_weight_to_the_gradient():
+    strong, weak = _views(8)
+    data = tf.data.Dataset.from_tensors((strong, weak))
+    after = {}
+    for decay in (0.0, 0.01):
+        model = _model(norm="none", shuffle_keys=False, weight_decay=decay)
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+        before = [w.numpy() for w in model.query_encoder.trainable_weights]
+        model.fit(data, verbose=0)
+        after[decay] = [w.numpy() for w in model.query_encoder.trainable_weights]
+    for w0, plain, decayed in zip(before, after[0.0], after[0.01]):
+        np.testing.assert_allclose(decayed - plain, -0.5 * 0.01 * w0, atol=1e-6)

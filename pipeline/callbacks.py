@@ -1,0 +1,132 @@
+"""Keras callbacks for pre-training runs: kNN monitor, history file, views, divergence."""
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import evaluate
+
+
+class KNNMonitor(keras.callbacks.Callback):
+    """Every ``every`` epochs (and at the last), kNN top-1 of the backbone on a labelled split.
+
+    Adds ``knn_top1`` to the epoch's logs (so History, TensorBoard and the
+    history file get it) and saves the weights as ``best_path`` whenever it
+    improves, with ``best.json`` beside them.
+    """
+
+    def __init__(self, manifest, *, train_split, eval_split, every, epochs, k, temperature,
+                 batch_size, best_path, limit=None):
+        super().__init__()
+        self.manifest, self.train_split, self.eval_split = manifest, train_split, eval_split
+        self.every, self.epochs, self.k, self.temperature = every, epochs, k, temperature
+        self.batch_size, self.best_path, self.limit = batch_size, best_path, limit
+        self.best = -math.inf
+        info_path = os.path.join(os.path.dirname(best_path), "best.json")
+        if os.path.exists(info_path):  # a resumed run keeps its best so far
+            with open(info_path) as handle:
+                self.best = json.load(handle)["knn_top1"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.every or ((epoch + 1) % self.every and epoch + 1 != self.epochs):
+            return
+        result = evaluate.encoder_knn(
+            self.model.backbone, self.manifest, train_split=self.train_split,
+            eval_split=self.eval_split, k=self.k, temperature=self.temperature,
+            batch_size=self.batch_size, limit=self.limit)
+        if logs is not None:
+            logs["knn_top1"] = result["top1"]
+        print(f"\nepoch {epoch + 1}: kNN top-1 {result['top1']:.4f} on {self.eval_split}")
+        if result["top1"] > self.best:
+            self.best = result["top1"]
+            self.model.save_weights(self.best_path)
+            with open(os.path.join(os.path.dirname(self.best_path), "best.json"), "w") as handle:
+                json.dump({"epoch": epoch + 1, "knn_top1": self.best}, handle)
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Puts the optimiser's current learning rate into each epoch's logs."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(np.asarray(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+
+class HistoryFile(keras.callbacks.Callback):
+    """``history.json``: one record per finished epoch, continuous across resumed runs.
+
+    Records from an earlier, interrupted run are kept up to the epoch the
+    resumed run starts from, and rewritten after every epoch.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.records = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.records is None:
+            records = []
+            if os.path.exists(self.path):
+                with open(self.path) as handle:
+                    records = json.load(handle)
+            self.records = [r for r in records if r["epoch"] <= epoch]
+
+    def on_epoch_end(self, epoch, logs=None):
+        record = {"epoch": epoch + 1}
+        record.update({key: float(value) for key, value in (logs or {}).items()})
+        self.records.append(record)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as handle:
+            json.dump(self.records, handle, indent=1)
+        os.replace(tmp, self.path)
+
+
+class ViewImages(keras.callbacks.Callback):
+    """Writes a few (strong, weak) pairs to TensorBoard when training starts."""
+
+    def __init__(self, batch, log_dir, count, manifest):
+        super().__init__()
+        self.batch, self.log_dir, self.count = batch, log_dir, count
+        stats = manifest["train_statistics"]
+        self.mean = np.asarray(stats["mean"], np.float32)
+        self.std = np.maximum(np.asarray(stats["std"], np.float32), 0.255)
+
+    def _pixels(self, views):
+        return np.clip((views[: self.count] * self.std + self.mean) / 255.0, 0.0, 1.0)
+
+    def on_train_begin(self, logs=None):
+        if not self.count:
+            return
+        pairs = np.concatenate([self._pixels(self.batch["strong_view"]),
+                                self._pixels(self.batch["weak_view"])], axis=2)
+        writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+        with writer.as_default():
+            tf.summary.image("views/strong_left_weak_right", pairs, step=0,
+                             max_outputs=self.count)
+        writer.close()
+
+
+class StopOnNaN(keras.callbacks.TerminateOnNaN):
+    """``TerminateOnNaN`` that remembers where and why, so the run can fail with a clear message."""
+
+    def __init__(self):
+        super().__init__()
+        self.message = None
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.message = (
+                f"training diverged: the loss became {loss} at step {batch} of epoch "
+                f"{getattr(self, '_epoch', 0) + 1}; lower optimizer.lr, raise ascl.t1, or use "
+                f"mixed_precision: none. The last checkpoint and backup are kept.")
+            self.model.stop_training = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch

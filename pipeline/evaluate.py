@@ -1,0 +1,192 @@
+"""Evaluating an encoder: weighted kNN, linear probe, raw-pixel baseline, projector.
+
+kNN follows InstDisc (Wu et al., 2018), the monitor every MoCo/ASCL paper
+reports: cosine similarity of L2-normalised backbone features, the top-k
+training neighbours vote for their class with weight ``exp(sim / t)``
+(k=200, t=0.1).  The same classifier on flattened normalised pixels is the
+raw-pixel baseline, so a report shows what self-supervision bought.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import data
+
+
+def embed(encoder, dataset):
+    """``(features [N, F] L2-normalised float32, labels [N] int64)`` of ``(images, labels)`` batches."""
+    compute = tf.function(lambda x: tf.math.l2_normalize(
+        tf.cast(encoder(x, training=False), tf.float32), axis=1))
+    features, labels = [], []
+    for images, batch_labels in dataset:
+        features.append(compute(images).numpy())
+        labels.append(batch_labels.numpy())
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def flatten_pixels(images, training=False):
+    """The raw-pixel "encoder": normalised pixels as one vector per image."""
+    del training  # same call signature as a Keras model
+    return tf.reshape(images, [tf.shape(images)[0], -1])
+
+
+def knn_scores(train_features, train_labels, features, *, k=200, temperature=0.1, num_classes,
+               chunk=1024):
+    """Class scores ``[N, C]``: sum over the top-k neighbours of ``exp(sim / t)`` per class."""
+    bank = tf.constant(train_features, tf.float32)
+    bank_labels = tf.constant(train_labels, tf.int64)
+    k = min(k, bank.shape[0])
+
+    @tf.function
+    def score(batch):
+        similarity = tf.matmul(batch, bank, transpose_b=True)
+        top_similarity, top_index = tf.math.top_k(similarity, k=k)
+        votes = tf.one_hot(tf.gather(bank_labels, top_index), num_classes)
+        return tf.reduce_sum(votes * tf.exp(top_similarity / temperature)[..., None], axis=1)
+
+    return np.concatenate([score(tf.constant(features[i:i + chunk], tf.float32)).numpy()
+                           for i in range(0, len(features), chunk)])
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    ranked = np.argsort(-scores, axis=1, kind="stable")
+    return {f"top{k}": float(np.mean(np.any(ranked[:, :k] == labels[:, None], axis=1)))
+            for k in ks if k <= scores.shape[1]}
+
+
+def knn_accuracy(train, test, *, k, temperature, num_classes):
+    """kNN top-1/top-5 of ``test`` features against the ``train`` bank (both ``(features, labels)``)."""
+    labelled = train[1] >= 0
+    scores = knn_scores(train[0][labelled], train[1][labelled], test[0], k=k,
+                        temperature=temperature, num_classes=num_classes)
+    return topk_accuracy(scores, test[1])
+
+
+def encoder_knn(backbone, manifest, *, train_split, eval_split, k, temperature, batch_size,
+                limit=None):
+    """kNN accuracy of ``backbone`` features (centre views) on ``eval_split``."""
+    train = embed(backbone, data.eval_dataset(manifest, train_split, batch_size=batch_size,
+                                              limit=limit))
+    test = embed(backbone, data.eval_dataset(manifest, eval_split, batch_size=batch_size,
+                                             limit=limit))
+    return knn_accuracy(train, test, k=k, temperature=temperature,
+                        num_classes=len(manifest["class_names"]))
+
+
+def raw_pixel_knn(manifest, *, train_split, eval_split, k, temperature, batch_size, limit=None):
+    """The same kNN on flattened normalised pixels: the baseline to beat."""
+    return encoder_knn(flatten_pixels, manifest, train_split=train_split, eval_split=eval_split,
+                       k=k, temperature=temperature, batch_size=batch_size, limit=limit)
+
+
+def linear_probe(backbone, manifest, *, train_split, eval_split, epochs, lr, milestones,
+                 batch_size, augment=True, seed=0, limit=None, verbose=0):
+    """Top-1/top-5 of a Dense classifier trained with SGD on the frozen backbone's features.
+
+    With ``augment`` the classifier sees padded-crop + flip views through the
+    frozen backbone every epoch (the reference protocol); without it, features
+    of the centre views are computed once (much faster on a CPU).
+    Learning rate ``lr``, divided by 10 at each epoch in ``milestones``.
+    """
+    num_classes = len(manifest["class_names"])
+    steps = max(1, manifest["splits"][train_split]["num_examples"] // batch_size)
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        [m * steps for m in milestones], [lr * 0.1 ** i for i in range(len(milestones) + 1)])
+    classifier = keras.layers.Dense(num_classes, name="linear_probe")
+    backbone.trainable = False
+    try:
+        if augment:
+            inputs = keras.Input(backbone.input_shape[1:])
+            features = keras.layers.UnitNormalization()(backbone(inputs, training=False))
+            model = keras.Model(inputs, classifier(features))
+            train = data.probe_train_dataset(manifest, train_split, batch_size=batch_size,
+                                             seed=seed, limit=limit)
+            test = data.eval_dataset(manifest, eval_split, batch_size=batch_size, limit=limit)
+        else:
+            train_features, train_labels = embed(backbone, data.eval_dataset(
+                manifest, train_split, batch_size=batch_size, limit=limit))
+            test_features, test_labels = embed(backbone, data.eval_dataset(
+                manifest, eval_split, batch_size=batch_size, limit=limit))
+            model = keras.Sequential([keras.Input((train_features.shape[1],)), classifier])
+            train = tf.data.Dataset.from_tensor_slices((train_features, train_labels)).shuffle(
+                len(train_labels), seed=seed).batch(batch_size)
+            test = tf.data.Dataset.from_tensor_slices((test_features, test_labels)).batch(batch_size)
+        model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=0.9),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=[keras.metrics.SparseTopKCategoricalAccuracy(1, name="top1"),
+                               keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")])
+        if epochs:
+            model.fit(train, epochs=epochs, verbose=verbose)
+        result = model.evaluate(test, verbose=0, return_dict=True)
+    finally:
+        backbone.trainable = True
+    return {"top1": float(result["top1"]), "top5": float(result["top5"]), "epochs": epochs}
+
+
+def write_projector(backbone, manifest, split, log_dir, *, samples, batch_size):
+    """Embeddings of the first ``samples`` images of ``split`` for TensorBoard's projector."""
+    from tensorboard.plugins import projector
+
+    os.makedirs(log_dir, exist_ok=True)
+    features, labels = embed(backbone, data.eval_dataset(manifest, split, batch_size=batch_size,
+                                                         limit=samples))
+    names = manifest["class_names"]
+    with open(os.path.join(log_dir, "metadata.tsv"), "w") as handle:
+        handle.write("label\tclass\n")
+        for label in labels:
+            handle.write(f"{label}\t{names[label] if label >= 0 else 'unlabelled'}\n")
+    embedding = tf.Variable(features, name="embedding")
+    tf.train.Checkpoint(embedding=embedding).save(os.path.join(log_dir, "embedding.ckpt"))
+    config = projector.ProjectorConfig()
+    entry = config.embeddings.add()
+    entry.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
+    entry.metadata_path = "metadata.tsv"
+    projector.visualize_embeddings(log_dir, config)
+    return len(labels)
+
+
+def write_report(report, path):
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2)
+
+
+def evaluate_run(run_dir, *, checkpoint="best", output=None, linear=True, verbose=0):
+    """kNN, linear probe and raw-pixel baseline for a trained run; writes the JSON report.
+
+    Also writes a sample of test embeddings for TensorBoard's projector under
+    ``RUN/tensorboard/projector``.  Returns the report.
+    """
+    from pipeline.train import load_trained_model
+
+    if checkpoint == "best" and not os.path.exists(
+            os.path.join(run_dir, "checkpoints", "best.weights.h5")):
+        checkpoint = "last"  # runs without a kNN monitor have no best checkpoint
+    model, config, manifest = load_trained_model(run_dir, checkpoint)
+    e, d = config.evaluation, config.data
+    splits = dict(train_split=d.train_split, eval_split=d.eval_split)
+    limit = d.eval_limit or None
+    knn = dict(k=e.knn_k, temperature=e.knn_temperature, batch_size=e.batch_size, limit=limit)
+    report = {
+        "run_dir": run_dir, "checkpoint": checkpoint, "dataset": d.dataset, **splits,
+        "knn": {**encoder_knn(model.backbone, manifest, **splits, **knn),
+                "k": e.knn_k, "temperature": e.knn_temperature},
+        "raw_pixel_knn": {**raw_pixel_knn(manifest, **splits, **knn),
+                          "k": e.knn_k, "temperature": e.knn_temperature},
+    }
+    if linear:
+        report["linear_probe"] = linear_probe(
+            model.backbone, manifest, **splits, epochs=e.linear_epochs, lr=e.linear_lr,
+            milestones=e.linear_milestones, batch_size=e.linear_batch_size,
+            augment=e.linear_augment, seed=config.train.seed, limit=limit, verbose=verbose)
+    if e.projector_samples:
+        report["projector"] = {
+            "log_dir": os.path.join(run_dir, "tensorboard", "projector"),
+            "samples": write_projector(model.backbone, manifest, d.eval_split,
+                                       os.path.join(run_dir, "tensorboard", "projector"),
+                                       samples=e.projector_samples, batch_size=e.batch_size)}
+    write_report(report, output or os.path.join(run_dir, "evaluation.json"))
+    return report

@@ -1,0 +1,214 @@
+"""``ascl train``: pre-train an ASCL encoder on a prepared dataset with ``model.fit``.
+
+A run directory holds everything a run makes::
+
+    RUN/config.yaml           the resolved configuration
+    RUN/checkpoints/          epoch_NNNN.weights.h5 every train.checkpoint_every epochs,
+                              last.weights.h5, best.weights.h5 (+ best.json) by kNN top-1
+    RUN/backup/               BackupAndRestore state: rerunning the same command resumes here
+    RUN/tensorboard/          scalars (every metric, learning rate, kNN), augmented views
+    RUN/history.json          one record per epoch, continuous across resumes
+    RUN/summary.json          written when the run finishes
+
+Nothing is created before the configuration and the dataset have been checked.
+"""
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+import yaml
+
+from models import ASCLModel, build_backbone, projection_head
+from pipeline import callbacks as run_callbacks
+from pipeline import data
+from pipeline.config import ConfigError, dump_config
+from pipeline.prepared_dataset import load_manifest
+
+# Sections a resumed run must share with the run it continues.
+_EXPERIMENT_SECTIONS = ("data", "model", "ascl")
+
+
+class TrainingError(RuntimeError):
+    """Training could not finish (divergence, incompatible resume); the message says why."""
+
+
+def resolve_strategy(name):
+    """``auto``: MirroredStrategy over the visible GPUs when there are several, else default."""
+    if name == "auto":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ConfigError(f"train.strategy must be auto, default, mirrored or multi_worker, "
+                      f"received {name!r}")
+
+
+def build_model(config, manifest):
+    """The ``ASCLModel`` a config describes, for the dataset's image shape (in the current scope)."""
+    m, a = config.model, config.ascl
+    backbone = build_backbone(m.backbone, input_shape=tuple(manifest["image_shape"]), stem=m.stem,
+                              norm=m.norm, bn_splits=m.bn_splits)
+    projector = projection_head(backbone.feature_dim, hidden_dims=tuple(m.projector_hidden),
+                                output_dim=m.projector_dim, norm=m.projector_norm,
+                                bn_splits=m.bn_splits)
+    return ASCLModel(backbone, projector, memory_size=a.memory_size, momentum=a.momentum,
+                     t1=a.t1, t2=a.t2, num_neighbors=a.num_neighbors, mode=a.mode,
+                     shuffle_keys=a.shuffle_keys, seed=config.train.seed,
+                     weight_decay=config.optimizer.weight_decay)
+
+
+def learning_rate(config, steps_per_epoch):
+    """Linear warm-up to the (batch-scaled) base LR, then cosine decay to 0 at the last step."""
+    o = config.optimizer
+    base = o.lr * (o.batch_size / o.reference_batch_size if o.lr_scaling == "linear" else 1.0)
+    total = steps_per_epoch * config.train.epochs
+    warmup = min(int(round(o.warmup_epochs * steps_per_epoch)), total - 1)
+    if warmup:
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=total - warmup, warmup_target=base, warmup_steps=warmup)
+    return keras.optimizers.schedules.CosineDecay(base, decay_steps=total)
+
+
+def _check_dataset(config, manifest):
+    for key, split in (("data.train_split", config.data.train_split),
+                       ("data.eval_split", config.data.eval_split)):
+        if split not in manifest["splits"]:
+            raise ConfigError(f"{key} is {split!r} but the dataset at {config.data.dataset} has "
+                              f"splits {sorted(manifest['splits'])}")
+    available = manifest["splits"][config.data.train_split]["num_examples"]
+    if config.data.train_limit:
+        available = min(available, config.data.train_limit)
+    steps = available // config.optimizer.batch_size
+    if steps < 1:
+        raise ConfigError(f"optimizer.batch_size {config.optimizer.batch_size} is larger than the "
+                          f"{available} training images")
+    if config.model.norm == "split" and config.optimizer.batch_size % config.model.bn_splits:
+        raise ConfigError(f"model.bn_splits ({config.model.bn_splits}) must divide "
+                          f"optimizer.batch_size ({config.optimizer.batch_size})")
+    return steps
+
+
+def _check_resume(config, run_dir):
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return
+    with open(path) as handle:
+        previous = yaml.safe_load(handle) or {}
+    current = config.to_dict()
+    for section in _EXPERIMENT_SECTIONS:
+        if previous.get(section) != current[section]:
+            changed = sorted(k for k in current[section]
+                             if previous.get(section, {}).get(k) != current[section][k])
+            raise TrainingError(
+                f"{run_dir} holds a run of a different experiment ({section}."
+                f"{', '.join(changed)} changed); use a new --run-dir or restore the config")
+
+
+def _jit(setting):
+    return {"auto": "auto", "on": True, "off": False}[setting]
+
+
+def train(config, run_dir, *, strategy=None, extra_callbacks=()):
+    """Pre-trains (or resumes) the run in ``run_dir``; returns the summary dict."""
+    manifest = load_manifest(config.data.dataset)
+    steps_per_epoch = _check_dataset(config, manifest)
+    _check_resume(config, run_dir)
+    t = config.train
+    strategy = strategy or resolve_strategy(t.strategy)
+    keras.utils.set_random_seed(t.seed)
+    keras.mixed_precision.set_global_policy(
+        "float32" if t.mixed_precision == "none" else t.mixed_precision)
+
+    paths = {name: os.path.join(run_dir, name) for name in ("checkpoints", "backup", "tensorboard")}
+    for path in paths.values():
+        os.makedirs(path, exist_ok=True)
+    dump_config(config, os.path.join(run_dir, "config.yaml"))
+
+    blur = config.data.blur == "on" or (config.data.blur == "auto" and manifest["image_shape"][0] >= 64)
+
+    def dataset_fn(input_context=None):
+        return data.pretrain_dataset(
+            manifest, batch_size=config.optimizer.batch_size, seed=t.seed,
+            split=config.data.train_split, input_context=input_context,
+            strong_key=config.data.key_view == "strong", blur=blur,
+            crop_scale=(config.data.crop_min_scale, 1.0), flip=config.data.flip,
+            shuffle_buffer=config.data.shuffle_buffer,
+            cache=config.data.cache, limit=config.data.train_limit or None)
+
+    if strategy.num_replicas_in_sync > 1:
+        dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    else:
+        dataset = dataset_fn()
+    with strategy.scope():
+        model = build_model(config, manifest)
+        model.compile(
+            optimizer=keras.optimizers.SGD(learning_rate(config, steps_per_epoch),
+                                           momentum=config.optimizer.momentum),
+            jit_compile=_jit(t.jit_compile), steps_per_execution=t.steps_per_execution)
+
+    nan_guard = run_callbacks.StopOnNaN()
+    knn_monitor = run_callbacks.KNNMonitor(
+        manifest, train_split=config.data.train_split, eval_split=config.data.eval_split,
+        every=t.knn_every, epochs=t.epochs, k=config.evaluation.knn_k,
+        temperature=config.evaluation.knn_temperature, batch_size=config.evaluation.batch_size,
+        best_path=os.path.join(paths["checkpoints"], "best.weights.h5"),
+        limit=config.data.eval_limit or None)
+    callback_list = [
+        nan_guard,
+        keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=False),
+        run_callbacks.LearningRateLogger(),
+        knn_monitor,
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(paths["checkpoints"], "epoch_{epoch:04d}.weights.h5"),
+            save_weights_only=True, save_freq=t.checkpoint_every * steps_per_epoch),
+        run_callbacks.HistoryFile(os.path.join(run_dir, "history.json")),
+        keras.callbacks.TensorBoard(paths["tensorboard"], update_freq="epoch"),
+        *extra_callbacks,
+    ]
+    if t.view_images:
+        preview = next(iter(dataset_fn().take(1)))
+        callback_list.append(run_callbacks.ViewImages(
+            {k: v.numpy() for k, v in preview.items()}, paths["tensorboard"], t.view_images,
+            manifest))
+
+    model.fit(dataset, epochs=t.epochs, steps_per_epoch=steps_per_epoch, callbacks=callback_list,
+              verbose=t.verbose)
+    if nan_guard.message:
+        raise TrainingError(nan_guard.message)
+    model.save_weights(os.path.join(paths["checkpoints"], "last.weights.h5"))
+    with open(os.path.join(run_dir, "history.json")) as handle:
+        history = json.load(handle)
+    summary = {
+        "run_dir": run_dir, "epochs": t.epochs, "replicas": strategy.num_replicas_in_sync,
+        "final": history[-1] if history else None,
+        "best_knn_top1": None if knn_monitor.best == float("-inf") else knn_monitor.best,
+        "checkpoints": {"last": os.path.join(paths["checkpoints"], "last.weights.h5"),
+                        "best": os.path.join(paths["checkpoints"], "best.weights.h5")},
+    }
+    with open(os.path.join(run_dir, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
+
+
+def load_trained_model(run_dir, checkpoint="last"):
+    """``(model, config, manifest)`` of a run, weights from ``best``, ``last`` or a path."""
+    from pipeline.config import load_config
+
+    config = load_config(os.path.join(run_dir, "config.yaml"))
+    manifest = load_manifest(config.data.dataset)
+    path = checkpoint
+    if checkpoint in ("best", "last"):
+        path = os.path.join(run_dir, "checkpoints", f"{checkpoint}.weights.h5")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist (run `ascl train` first, or "
+                                f"pass --checkpoint last|best|PATH)")
+    model = build_model(config, manifest)
+    model.load_weights(path)
+    return model, config, manifest
+

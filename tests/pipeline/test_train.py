@@ -1,0 +1,189 @@
+"""`ascl train`: run directory, callbacks, resume after interruption, failures, evaluation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.evaluate import evaluate_run
+from pipeline.train import TrainingError, build_model, train
+
+SMALL = [
+    "model.projector_hidden=[64]", "model.projector_dim=32", "model.bn_splits=4",
+    "ascl.memory_size=256", "optimizer.batch_size=64", "data.train_limit=512",
+    "train.knn_every=1", "train.checkpoint_every=1", "train.verbose=0", "train.view_images=2",
+    "evaluation.linear_epochs=2", "evaluation.projector_samples=50",
+]
+
+
+def _config(manifest, *extra):
+    return load_config("configs/digits_small.yaml",
+                       [f"data.dataset={manifest['directory']}", *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained_run(digits16, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("run") / "run")
+    summary = train(_config(digits16, "train.epochs=2"), run_dir)
+    return run_dir, summary
+
+
+def test_run_directory_holds_config_checkpoints_logs_and_history(trained_run):
+    run_dir, summary = trained_run
+    for path in ("config.yaml", "summary.json", "history.json", "checkpoints/epoch_0001.weights.h5",
+                 "checkpoints/epoch_0002.weights.h5", "checkpoints/last.weights.h5",
+                 "checkpoints/best.weights.h5", "checkpoints/best.json"):
+        assert os.path.exists(os.path.join(run_dir, path)), path
+    history = json.load(open(os.path.join(run_dir, "history.json")))
+    assert [r["epoch"] for r in history] == [1, 2]
+    for key in ("loss", "confidence", "max_soft_label", "contrastive_accuracy", "learning_rate",
+                "knn_top1"):
+        assert all(np.isfinite(r[key]) for r in history), key
+    assert history[1]["learning_rate"] < history[0]["learning_rate"]  # cosine decay
+    events = [f for _, _, files in os.walk(os.path.join(run_dir, "tensorboard")) for f in files
+              if f.startswith("events.out")]
+    assert events
+    assert summary["best_knn_top1"] == max(r["knn_top1"] for r in history)
+
+
+def test_tensorboard_gets_scalars_and_view_images(trained_run):
+    import tensorflow as tf
+
+    run_dir, _ = trained_run
+    tags = set()
+    for root, _, files in os.walk(os.path.join(run_dir, "tensorboard")):
+        for name in files:
+            if name.startswith("events.out"):
+                for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                    tags.update(value.tag for value in event.summary.value)
+    assert {"epoch_loss", "epoch_confidence", "epoch_learning_rate", "epoch_knn_top1"} <= tags
+    assert any(tag.startswith("views/") for tag in tags)
+
+
+def test_evaluation_report_and_projector(trained_run):
+    run_dir, _ = trained_run
+    report = evaluate_run(run_dir, checkpoint="best")
+    assert set(report) >= {"knn", "raw_pixel_knn", "linear_probe", "projector"}
+    assert 0.0 <= report["knn"]["top1"] <= 1.0 and report["knn"]["k"] == 20
+    assert report["raw_pixel_knn"]["top1"] > 0.9
+    saved = json.load(open(os.path.join(run_dir, "evaluation.json")))
+    assert saved["knn"] == report["knn"]
+    projector = os.path.join(run_dir, "tensorboard", "projector")
+    assert os.path.exists(os.path.join(projector, "projector_config.pbtxt"))
+    assert len(open(os.path.join(projector, "metadata.tsv")).read().splitlines()) == 51
+
+
+class _StopAfter(keras.callbacks.Callback):
+    """Simulates an interruption: training stops after ``epochs`` epochs."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epochs:
+            self.model.stop_training = True
+
+
+class _StateAtStart(keras.callbacks.Callback):
+    """Records the model's state once BackupAndRestore has restored it."""
+
+    def on_train_begin(self, logs=None):
+        self.queue = self.model.queue.numpy()
+        self.pointer = int(self.model.queue_pointer.numpy())
+        self.key = [w.numpy() for w in self.model.key_encoder.weights]
+        self.iterations = int(self.model.optimizer.iterations.numpy())
+
+
+def test_resume_keeps_queue_key_encoder_schedule_and_history(digits16, tmp_path):
+    config = _config(digits16, "train.epochs=3", "train.knn_every=0", "train.view_images=0")
+    run_dir = str(tmp_path / "run")
+    train(config, run_dir, extra_callbacks=[_StopAfter(2)])
+    interrupted = build_model(config, digits16)
+    interrupted.load_weights(os.path.join(run_dir, "checkpoints", "epoch_0002.weights.h5"))
+
+    state = _StateAtStart()
+    train(config, run_dir, extra_callbacks=[state])
+    steps = 512 // 64
+    assert state.iterations == 2 * steps
+    np.testing.assert_array_equal(state.queue, interrupted.queue.numpy())
+    assert state.pointer == int(interrupted.queue_pointer.numpy()) == (2 * steps * 64) % 256
+    for restored, saved in zip(state.key, interrupted.key_encoder.weights):
+        np.testing.assert_array_equal(restored, saved.numpy())
+
+    resumed = json.load(open(os.path.join(run_dir, "history.json")))
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    uninterrupted_dir = str(tmp_path / "straight")
+    train(config, uninterrupted_dir)
+    straight = json.load(open(os.path.join(uninterrupted_dir, "history.json")))
+    assert [r["learning_rate"] for r in resumed] == pytest.approx(
+        [r["learning_rate"] for r in straight], rel=1e-6)
+
+
+def test_killed_run_resumes_to_the_configured_epochs(digits16, tmp_path):
+    run_dir = str(tmp_path / "run")
+    command = [sys.executable, "-m", "pipeline.cli", "train", "--config",
+               "configs/digits_small.yaml", "--run-dir", run_dir,
+               "--set", f"data.dataset={digits16['directory']}", "--epochs", "25",
+               *[arg for item in SMALL for arg in ("--set", item)],
+               "--set", "train.knn_every=0", "--set", "train.view_images=0"]
+    history_path = os.path.join(run_dir, "history.json")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(history_path) and len(json.load(open(history_path))) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(json.load(open(history_path)))
+    assert 2 <= done_before < 25, "the run must be killed mid-way for this test to mean anything"
+    assert not os.path.exists(os.path.join(run_dir, "summary.json"))
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    history = json.load(open(history_path))
+    assert [r["epoch"] for r in history] == list(range(1, 26))
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["epochs"] == 25
+
+
+def test_training_under_two_replicas(digits16, tmp_path, two_replicas):
+    summary = train(_config(digits16, "train.epochs=1", "train.view_images=0"),
+                    str(tmp_path / "run"), strategy=two_replicas)
+    assert summary["replicas"] == 2 and np.isfinite(summary["final"]["loss"])
+
+
+def test_divergence_fails_with_a_clear_message(digits16, tmp_path):
+    config = _config(digits16, "train.epochs=2", "optimizer.lr=1.0e30", "train.knn_every=0",
+                     "model.norm=none", "optimizer.weight_decay=0")
+    with pytest.raises(TrainingError, match="training diverged"):
+        train(config, str(tmp_path / "run"))
+
+
+def test_bad_config_or_dataset_fails_before_writing_anything(digits16, tmp_path):
+    run_dir = tmp_path / "run"
+    cli = [sys.executable, "-m", "pipeline.cli", "train", "--config", "configs/digits_small.yaml",
+           "--run-dir", str(run_dir)]
+    missing = subprocess.run(cli + ["--set", f"data.dataset={tmp_path / 'nothing'}"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "is not a prepared dataset" in missing.stderr
+    typo = subprocess.run(cli + ["--set", f"data.dataset={digits16['directory']}",
+                                 "--set", "ascl.tempreature=0.1"], capture_output=True, text=True)
+    assert typo.returncode == 2 and "unknown key ascl.tempreature" in typo.stderr
+    assert not run_dir.exists()
+    with pytest.raises(ConfigError, match="model.bn_splits .* must divide"):
+        train(_config(digits16, "optimizer.batch_size=66"), str(run_dir))
+    assert not run_dir.exists()
+
+
+def test_resuming_a_different_experiment_is_refused(trained_run, digits16):
+    run_dir, _ = trained_run
+    with pytest.raises(TrainingError, match="different experiment.*ascl.mode"):
+        train(_config(digits16, "train.epochs=2", "ascl.mode=moco"), run_dir)
