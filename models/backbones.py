@@ -133,10 +133,12 @@ def small_cnn(*, input_shape=(32, 32, 3), widths=(32, 64, 128), norm="batch", bn
     return model
 
 
-def build_backbone(name, *, input_shape=(32, 32, 3), stem="cifar", norm="batch", bn_splits=8):
-    """Backbone by name: ``resnet18``, ``resnet34``, ``resnet50`` or ``small_cnn``."""
+def build_backbone(name, *, input_shape=(32, 32, 3), stem="cifar", norm="batch", bn_splits=8,
+                   widths=(32, 64, 128)):
+    """Backbone by name: ``resnet18``, ``resnet34``, ``resnet50`` or ``small_cnn`` (``widths``)."""
     if name == "small_cnn":
-        return small_cnn(input_shape=input_shape, norm=norm, bn_splits=bn_splits)
+        return small_cnn(input_shape=input_shape, widths=tuple(widths), norm=norm,
+                         bn_splits=bn_splits)
     if name.startswith("resnet") and name[len("resnet"):].isdigit():
         depth = int(name[len("resnet"):])
         if depth in RESNET_LAYOUTS:

@@ -44,6 +44,7 @@ class ModelConfig:
     stem: str = "cifar"
     norm: str = "split"
     bn_splits: int = 8
+    cnn_widths: typing.List[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])  # small_cnn
     projector_hidden: typing.List[int] = dataclasses.field(default_factory=lambda: [2048])
     projector_dim: int = 128
     projector_norm: str = "none"
@@ -176,6 +177,8 @@ def validate(config):
     _choice("model.projector_norm", m.projector_norm, NORMALIZATIONS)
     _at_least("model.bn_splits", m.bn_splits, 1)
     _at_least("model.projector_dim", m.projector_dim, 1)
+    for index, width in enumerate(m.cnn_widths):
+        _at_least(f"model.cnn_widths[{index}]", width, 1)
     for index, width in enumerate(m.projector_hidden):
         _at_least(f"model.projector_hidden[{index}]", width, 1)
     _choice("ascl.mode", a.mode, MODES)

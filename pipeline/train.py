@@ -53,7 +53,7 @@ def build_model(config, manifest):
     """The ``ASCLModel`` a config describes, for the dataset's image shape (in the current scope)."""
     m, a = config.model, config.ascl
     backbone = build_backbone(m.backbone, input_shape=tuple(manifest["image_shape"]), stem=m.stem,
-                              norm=m.norm, bn_splits=m.bn_splits)
+                              norm=m.norm, bn_splits=m.bn_splits, widths=m.cnn_widths)
     projector = projection_head(backbone.feature_dim, hidden_dims=tuple(m.projector_hidden),
                                 output_dim=m.projector_dim, norm=m.projector_norm,
                                 bn_splits=m.bn_splits)
