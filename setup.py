@@ -29,6 +29,7 @@ setup(
         "pyyaml==6.0.4",
         "google-crc32c==1.8.0",
         "matplotlib==3.11.2",
+        "tensorflow-hub==0.16.1",  # imported by Beam's TensorFlow RunInference handler
     ],
     extras_require={"test": ["pytest==9.2.0"]},
     entry_points={"console_scripts": ["ascl=pipeline.cli:main"]},

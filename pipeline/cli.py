@@ -25,6 +25,8 @@ def _version(args):
 PASSTHROUGH = {
     "prepare": ("beam_jobs.prepare", "prepare a dataset with Beam: raw images -> TFRecord shards "
                                      "+ manifest (see `ascl prepare --help`)"),
+    "embed": ("beam_jobs.embed", "embed a dataset with an exported SavedModel through Beam "
+                                 "RunInference (see `ascl embed --help`)"),
 }
 
 
@@ -49,6 +51,15 @@ def _evaluate(args):
     report = evaluate_run(args.run_dir, checkpoint=args.checkpoint, output=args.output,
                           linear=not args.no_linear, verbose=1)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _export(args):
+    from pipeline.export import export_run
+
+    path = export_run(args.run_dir, name=args.name, checkpoint=args.checkpoint,
+                      version=args.version, base_dir=args.base_dir)
+    print(f"exported {path} (signatures: serving_default, embed_pixels)")
     return 0
 
 
@@ -92,6 +103,15 @@ def build_parser():
     evaluate.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     evaluate.set_defaults(handler=_evaluate)
 
+    export = subcommands.add_parser(
+        "export", help="export a run's encoder as a SavedModel for TF Serving")
+    export.add_argument("--run-dir", required=True)
+    export.add_argument("--checkpoint", default="best", help="best, last or a weights path")
+    export.add_argument("--name", required=True, help="model name (saved_models/NAME/VERSION)")
+    export.add_argument("--version", type=int, help="default: the next integer")
+    export.add_argument("--base-dir", default="saved_models")
+    export.set_defaults(handler=_export)
+
     demo = subcommands.add_parser(
         "demo", help="end to end on the bundled digits: prepare, train, evaluate, export")
     demo.add_argument("--workdir", default="runs/demo", help="replaced if it exists")
@@ -120,7 +140,7 @@ def main(argv=None):
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as error:
+    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError) as error:
         print(f"ascl {args.command}: error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:

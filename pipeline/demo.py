@@ -1,8 +1,8 @@
 """``ascl demo``: the whole pipeline on the embedded digits, in a few minutes on a CPU.
 
 prepare (Beam, DirectRunner) -> pre-train ASCL (small CNN) -> evaluate (kNN
-against the raw-pixel kNN baseline, linear probe) -> export for serving
-(when available) -> a short summary with paths and numbers.
+against the raw-pixel kNN baseline, linear probe) -> export for TF Serving
+-> a short summary with paths and numbers.
 """
 
 import json
@@ -14,11 +14,13 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "digits_small.yaml")
 
 
-def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False):
+def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False,
+             export_dir="saved_models"):
     """Runs the demo under ``workdir`` (replaced if present); returns the summary dict."""
     from beam_jobs.prepare import run as prepare
     from pipeline.config import load_config
     from pipeline.evaluate import evaluate_run
+    from pipeline.export import export_run
     from pipeline.train import train
 
     start = time.perf_counter()
@@ -28,7 +30,7 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False):
     run_dir = os.path.join(workdir, "run")
     say = (lambda *a: None) if quiet else print
 
-    say(f"[1/3] preparing scikit-learn digits with Beam -> {dataset_dir}")
+    say(f"[1/4] preparing scikit-learn digits with Beam -> {dataset_dir}")
     manifest = prepare(["--source", "digits", "--image-size", "16", "--output", dataset_dir])
     sets = [f"data.dataset={dataset_dir}", *overrides]
     if epochs:
@@ -36,11 +38,13 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False):
     if quiet:
         sets.append("train.verbose=0")
     config = load_config(CONFIG, sets)
-    say(f"[2/3] pre-training ASCL ({config.model.backbone}, {config.train.epochs} epochs) "
+    say(f"[2/4] pre-training ASCL ({config.model.backbone}, {config.train.epochs} epochs) "
         f"-> {run_dir}")
     trained = train(config, run_dir)
-    say("[3/3] evaluating: kNN on backbone features vs kNN on raw pixels, linear probe")
+    say("[3/4] evaluating: kNN on backbone features vs kNN on raw pixels, linear probe")
     report = evaluate_run(run_dir, checkpoint="last")
+    say(f"[4/4] exporting the encoder for TF Serving -> {export_dir}/ascl_digits/")
+    exported = export_run(run_dir, name="ascl_digits", checkpoint="last", base_dir=export_dir)
     summary = {
         "dataset": dataset_dir,
         "examples": {split: info["num_examples"] for split, info in manifest["splits"].items()},
@@ -51,6 +55,7 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False):
         "linear_probe_top1": report["linear_probe"]["top1"],
         "knn_k": report["knn"]["k"],
         "evaluation_report": os.path.join(run_dir, "evaluation.json"),
+        "export": exported,
         "tensorboard": f"tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}",
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -65,6 +70,8 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False):
         f"the encoder {verdict} the baseline")
     say(f"  linear      {summary['linear_probe_top1']:.4f}  (frozen backbone + Dense)")
     say(f"  report      {summary['evaluation_report']}")
+    say(f"  export      {exported}  (tensorflow_model_server --model_config_file="
+        f"{os.path.join(export_dir, 'models.config')})")
     say(f"  watch       {summary['tensorboard']}")
     say(f"  took        {summary['seconds']} s")
     return summary

@@ -37,3 +37,29 @@ def _float32_policy():
     keras.mixed_precision.set_global_policy("float32")
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def digits16(tmp_path_factory):
+    """The Beam job's output for scikit-learn digits resized to 16x16; returns its manifest."""
+    from beam_jobs.prepare import run as prepare
+    from pipeline.prepared_dataset import load_manifest
+
+    output = tmp_path_factory.mktemp("digits16") / "data"
+    prepare(["--source", "digits", "--image-size", "16", "--output", str(output)])
+    return load_manifest(str(output))
+
+
+@pytest.fixture(scope="session")
+def exported(digits16, tmp_path_factory):
+    """A one-epoch run on the digits, exported: ``(run_dir, saved_models_dir, version_dir)``."""
+    from pipeline.export import export_run
+    from pipeline.train import train
+    from tests.small_runs import small_config
+
+    root = tmp_path_factory.mktemp("export")
+    run_dir = str(root / "run")
+    train(small_config(digits16, "train.epochs=1", "train.knn_every=0", "train.view_images=0"),
+          run_dir)
+    base = str(root / "saved_models")
+    return run_dir, base, export_run(run_dir, name="digits", checkpoint="last", base_dir=base)

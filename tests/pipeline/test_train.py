@@ -11,21 +11,13 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
 from pipeline.evaluate import evaluate_run
 from pipeline.train import TrainingError, build_model, train
+from tests import small_runs
 
-SMALL = [
-    "model.projector_hidden=[64]", "model.projector_dim=32", "model.bn_splits=4",
-    "ascl.memory_size=256", "optimizer.batch_size=64", "data.train_limit=512",
-    "train.knn_every=1", "train.checkpoint_every=1", "train.verbose=0", "train.view_images=2",
-    "evaluation.linear_epochs=2", "evaluation.projector_samples=50",
-]
-
-
-def _config(manifest, *extra):
-    return load_config("configs/digits_small.yaml",
-                       [f"data.dataset={manifest['directory']}", *SMALL, *extra])
+SMALL = small_runs.SMALL
+_config = small_runs.small_config
 
 
 @pytest.fixture(scope="module")

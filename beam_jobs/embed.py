@@ -1,0 +1,212 @@
+"""Beam job: embed a whole dataset with an exported SavedModel through RunInference.
+
+    ascl embed --model saved_models/ascl_digits/1 --input .data/digits16 --split test \\
+        --output /tmp/embeddings [--parquet] [--projector-samples 500]
+
+Input is a prepared dataset (its shards, ``--split``) or ``folder:PATH`` of
+image files (decoded, validated and resized like the preparation job;
+rejects go to ``dead_letters-*.jsonl``).  Images go through
+``apache_beam.ml.inference.RunInference`` with Beam's TensorFlow model
+handler, calling the export's ``embed_pixels`` signature on batches.  Writes
+``embeddings-*.tfrecord`` (``tf.train.Example`` with ``id``, ``label``,
+``embedding``), optionally ``embeddings-*.parquet``, and a TensorBoard
+projector folder for a sample.  Other flags are Beam ``PipelineOptions``.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from beam_jobs.images import InvalidImage, decode_image, resize_and_center_crop, validate_pixels
+from beam_jobs.sources import ReadFolder
+
+EXPORT_INFO = "assets.extra/ascl_export.json"
+
+
+def embed_pixels_inference(model, batch, inference_args=None, model_id=None):
+    """RunInference ``inference_fn``: the export's ``embed_pixels`` signature on a batch."""
+    import tensorflow as tf
+
+    # Elements can lose their uint8 dtype crossing Beam coders; they hold 0-255 pixels.
+    images = np.stack([np.asarray(image) for image in batch])
+    if images.min(initial=0) < 0 or images.max(initial=0) > 255:
+        raise ValueError("embed_pixels_inference expects 0-255 pixel values")
+    outputs = model.signatures["embed_pixels"](images=tf.constant(images.astype(np.uint8)))
+    return [PredictionResult(example, embedding, model_id)
+            for example, embedding in zip(batch, outputs["embedding"].numpy())]
+
+
+class SavedModelHandler(TFModelHandlerTensor):
+    """Beam's TF handler, loading with ``tf.saved_model.load``.
+
+    The stock loader calls ``tf.keras.models.load_model``, which Keras 3 cannot
+    use on a SavedModel; the export is a plain SavedModel with signatures.
+    """
+
+    def load_model(self):
+        import tensorflow as tf
+
+        return tf.saved_model.load(self._model_uri)
+
+
+def _read_export_info(model_dir):
+    with FileSystems.open(f"{model_dir.rstrip('/')}/{EXPORT_INFO}") as handle:
+        return json.loads(handle.read())
+
+
+def _example_to_item(record):
+    from tensorflow.core.example import example_pb2
+
+    feature = example_pb2.Example.FromString(record).features.feature
+    pixels = decode_image(feature["image/encoded"].bytes_list.value[0])
+    return (json.dumps({"id": feature["id"].bytes_list.value[0].decode(),
+                        "label": int(feature["label"].int64_list.value[0])}), pixels)
+
+
+class _ToPixels(beam.DoFn):
+    def __init__(self, size):
+        self.size = size
+
+    def process(self, item):
+        try:
+            pixels = validate_pixels(decode_image(item["data"]), min_size=1)
+            pixels = resize_and_center_crop(pixels, self.size)
+        except InvalidImage as error:
+            yield beam.pvalue.TaggedOutput("dead", {"path": item["source_path"],
+                                                    "reason": str(error)})
+            return
+        yield json.dumps({"id": item["id"], "label": -1, "class_name": item["class_name"]}), pixels
+
+
+def _to_example(key, embedding):
+    from tensorflow.core.example import example_pb2
+
+    info = json.loads(key)
+    example = example_pb2.Example()
+    feature = example.features.feature
+    feature["id"].bytes_list.value.append(info["id"].encode())
+    feature["label"].int64_list.value.append(info["label"])
+    feature["embedding"].float_list.value.extend(np.asarray(embedding, np.float32).tolist())
+    return example.SerializeToString(deterministic=True)
+
+
+class _WriteProjector(beam.DoFn):
+    def __init__(self, directory, class_names):
+        self.directory, self.class_names = directory, class_names
+
+    def process(self, sample):
+        sample = sorted(sample)
+        FileSystems.mkdirs(self.directory) if not FileSystems.exists(self.directory) else None
+        vectors = "".join("\t".join(f"{v:.6f}" for v in emb) + "\n" for _, emb in sample)
+        metadata = "id\tlabel\tclass\n" + "".join(
+            f"{json.loads(k)['id']}\t{json.loads(k)['label']}\t"
+            f"{self._name(json.loads(k)['label'])}\n" for k, _ in sample)
+        config = ('embeddings {\n  tensor_name: "embedding"\n  tensor_path: "vectors.tsv"\n'
+                  '  metadata_path: "metadata.tsv"\n}\n')
+        for name, text in (("vectors.tsv", vectors), ("metadata.tsv", metadata),
+                           ("projector_config.pbtxt", config)):
+            with FileSystems.create(FileSystems.join(self.directory, name)) as handle:
+                handle.write(text.encode())
+        yield len(sample)
+
+    def _name(self, label):
+        return self.class_names[label] if 0 <= label < len(self.class_names) else "unlabelled"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="ascl embed", description=__doc__.split("\n\n")[0],
+        epilog="Any other flag is a Beam PipelineOptions flag (--runner, --project, ...).")
+    parser.add_argument("--model", required=True, help="an export: saved_models/NAME/VERSION")
+    parser.add_argument("--input", required=True,
+                        help="a prepared dataset folder, or folder:PATH of image files")
+    parser.add_argument("--split", default="test", help="split of a prepared dataset")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--parquet", action="store_true", help="also write Parquet")
+    parser.add_argument("--projector-samples", type=int, default=500,
+                        help="embeddings written for TensorBoard's projector (0: none)")
+    parser.add_argument("--batch-size", type=int, default=256, help="largest inference batch")
+    return parser
+
+
+def run(argv=None):
+    """Runs the job; returns the number of embeddings written."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    info = _read_export_info(args.model)
+    height = info["image_shape"][0]
+    options = PipelineOptions(beam_args)
+    if options.view_as(StandardOptions).runner is None:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    output = args.output.rstrip("/")
+    FileSystems.mkdirs(output) if not FileSystems.exists(output) else None
+    handler = KeyedModelHandler(SavedModelHandler(
+        args.model, inference_fn=embed_pixels_inference, max_batch_size=args.batch_size))
+
+    with beam.Pipeline(options=options) as pipeline:
+        if args.input.startswith("folder:"):
+            items = pipeline | "Read" >> ReadFolder(args.input[len("folder:"):], test_fraction=0.0)
+            decoded = items | "Decode" >> beam.ParDo(_ToPixels(height)).with_outputs(
+                "dead", main="valid")
+            pixels = decoded.valid
+            (decoded.dead | "DeadToJson" >> beam.Map(json.dumps)
+             | "WriteDead" >> beam.io.WriteToText(f"{output}/dead_letters",
+                                                  file_name_suffix=".jsonl", num_shards=1))
+        else:
+            manifest_path = FileSystems.join(args.input, "manifest.json")
+            with FileSystems.open(manifest_path) as handle:
+                manifest = json.loads(handle.read())
+            if args.split not in manifest["splits"]:
+                raise ValueError(f"--split {args.split!r} is not in {args.input} "
+                                 f"(it has {sorted(manifest['splits'])})")
+            pixels = (pipeline
+                      | "ReadShards" >> beam.io.ReadFromTFRecord(
+                          FileSystems.join(args.input, f"{args.split}-*-of-*.tfrecord"))
+                      | "Parse" >> beam.Map(_example_to_item))
+        embeddings = (pixels
+                      | "RunInference" >> RunInference(handler)
+                      | "Unwrap" >> beam.MapTuple(lambda key, result: (key, result.inference)))
+        (embeddings
+         | "ToExample" >> beam.MapTuple(_to_example)
+         | "WriteTFRecord" >> beam.io.WriteToTFRecord(f"{output}/embeddings",
+                                                      file_name_suffix=".tfrecord"))
+        if args.parquet:
+            import pyarrow
+
+            schema = pyarrow.schema([("id", pyarrow.string()), ("label", pyarrow.int64()),
+                                     ("embedding", pyarrow.list_(pyarrow.float32()))])
+            (embeddings
+             | "ToRow" >> beam.MapTuple(lambda key, emb: {
+                 "id": json.loads(key)["id"], "label": json.loads(key)["label"],
+                 "embedding": np.asarray(emb, np.float32).tolist()})
+             | "WriteParquet" >> beam.io.WriteToParquet(f"{output}/embeddings", schema,
+                                                        file_name_suffix=".parquet"))
+        if args.projector_samples:
+            (embeddings
+             | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(args.projector_samples)
+             | "WriteProjector" >> beam.ParDo(_WriteProjector(f"{output}/projector",
+                                                              info["class_names"])))
+        count = embeddings | "Count" >> beam.combiners.Count.Globally()
+        count | "WriteCount" >> beam.io.WriteToText(f"{output}/count", num_shards=1,
+                                                    shard_name_template="", file_name_suffix=".txt")
+    with FileSystems.open(f"{output}/count.txt") as handle:
+        return int(handle.read().decode().strip())
+
+
+def main(argv=None):
+    logging.getLogger().setLevel(logging.WARNING)
+    count = run(argv)
+    print(f"wrote {count} embeddings")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""SavedModel export: loads without the project, signatures, errors, warm-up, versions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline.export import export_run
+from pipeline.train import load_trained_model
+
+
+def _png_batch(digits16, count=5):
+    from pipeline.prepared_dataset import read_split
+
+    images = np.stack([image for image, _ in read_split(digits16, "test").take(count)
+                       .as_numpy_iterator()])
+    return images, [tf.io.encode_png(image).numpy() for image in images]
+
+
+def _expected(run_dir, images):
+    model, _, manifest = load_trained_model(run_dir, "last")
+    stats = manifest["train_statistics"]
+    x = (images.astype(np.float32) - np.array(stats["mean"])) / np.array(stats["std"])
+    features = model.backbone(x.astype(np.float32), training=False).numpy()
+    return features / np.linalg.norm(features, axis=1, keepdims=True)
+
+
+def test_layout_versions_and_models_config(exported):
+    run_dir, base, path = exported
+    assert path == os.path.join(base, "digits", "1")
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
+    assert os.path.exists(os.path.join(path, "assets.extra", "tf_serving_warmup_requests"))
+    assert not [n for n in os.listdir(os.path.join(base, "digits")) if n.startswith(".")]
+    second = export_run(run_dir, name="digits", checkpoint="last", base_dir=base)
+    assert second == os.path.join(base, "digits", "2")
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        export_run(run_dir, name="digits", checkpoint="last", base_dir=base, version=1)
+    config = open(os.path.join(base, "models.config")).read()
+    assert 'name: "digits"' in config and os.path.abspath(os.path.join(base, "digits")) in config
+
+
+def test_fresh_process_without_the_project_matches_in_process_embeddings(exported, digits16,
+                                                                          tmp_path):
+    run_dir, _, path = exported
+    images, pngs = _png_batch(digits16)
+    np.save(tmp_path / "pngs.npy", np.array(pngs, dtype=object), allow_pickle=True)
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        "assert not any(m.split('.')[0] in ('models', 'pipeline', 'beam_jobs') for m in sys.modules)\n"
+        f"model = tf.saved_model.load({path!r})\n"
+        f"pngs = np.load({str(tmp_path / 'pngs.npy')!r}, allow_pickle=True).tolist()\n"
+        "out = model.signatures['serving_default'](image_bytes=tf.constant(pngs))\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, out['embedding'].numpy())\n"
+        f"np.save({str(tmp_path / 'proj.npy')!r}, out['projection'].numpy())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = np.load(tmp_path / "out.npy")
+    np.testing.assert_allclose(served, _expected(run_dir, images), atol=1e-5)
+    projection = np.load(tmp_path / "proj.npy")
+    assert projection.shape == (5, 32)
+    np.testing.assert_allclose(np.linalg.norm(projection, axis=1), 1.0, atol=1e-5)
+
+
+def test_embed_pixels_matches_and_bad_input_is_rejected(exported, digits16):
+    run_dir, _, path = exported
+    images, _ = _png_batch(digits16)
+    model = tf.saved_model.load(path)
+    embed = model.signatures["embed_pixels"]
+    np.testing.assert_allclose(embed(images=tf.constant(images))["embedding"].numpy(),
+                               _expected(run_dir, images), atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="shape \\[batch, 16, 16, 3\\]"):
+        embed(images=tf.zeros([2, 16, 16], tf.uint8))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="shape \\[batch, 16, 16, 3\\]"):
+        embed(images=tf.zeros([2, 8, 8, 3], tf.uint8))
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError), match="uint8"):
+        embed(images=tf.zeros([2, 16, 16, 3], tf.float32))
+    serve = model.signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        serve(image_bytes=tf.constant([b"definitely not an image"]))
+    # still works afterwards
+    assert serve(image_bytes=tf.constant(_png_batch(digits16, 2)[1]))["embedding"].shape == (2, 128)
+
+
+def test_bytes_of_other_sizes_are_resized_in_the_graph(exported):
+    _, _, path = exported
+    big = tf.io.encode_jpeg(tf.cast(tf.random.uniform([40, 30, 3], 0, 255), tf.uint8)).numpy()
+    out = tf.saved_model.load(path).signatures["serving_default"](image_bytes=tf.constant([big]))
+    assert out["embedding"].shape == (1, 128)
+
+
+def test_saved_model_cli_lists_both_signatures(exported):
+    _, _, path = exported
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    text = shown.stdout
+    assert "signature_def['serving_default']" in text and "signature_def['embed_pixels']" in text
+    assert "dtype: DT_STRING" in text and "dtype: DT_UINT8" in text
+    assert "outputs['embedding']" in text and "outputs['projection']" in text
+    assert "shape: (-1, 128)" in text
+
+
+def test_warmup_requests_parse_and_run(exported):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    _, _, path = exported
+    model = tf.saved_model.load(path)
+    records = list(tf.data.TFRecordDataset(
+        os.path.join(path, "assets.extra", "tf_serving_warmup_requests")))
+    assert len(records) == 2
+    for record in records:
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        request = log.predict_log.request
+        assert request.model_spec.signature_name == "serving_default"
+        batch = tf.make_ndarray(request.inputs["image_bytes"])
+        out = model.signatures["serving_default"](image_bytes=tf.constant(batch.tolist()))
+        assert out["embedding"].shape[0] == len(batch)
+
+
+def test_bad_name_is_refused(exported):
+    run_dir, base, _ = exported
+    with pytest.raises(ValueError, match="--name"):
+        export_run(run_dir, name="../escape", base_dir=base)
