@@ -133,6 +133,27 @@ def write_models_config(base_dir):
     return path
 
 
+def write_export(backbone, projector, manifest, final, *, provenance=None):
+    """Writes the SavedModel for ``backbone`` + ``projector`` at ``final``, atomically."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    try:
+        build_export_archive(backbone, projector, manifest).write_out(staging, verbose=False)
+        write_warmup_requests(staging, manifest)
+        with open(os.path.join(staging, INFO_FILE), "w") as handle:
+            json.dump({"image_shape": manifest["image_shape"],
+                       "class_names": manifest["class_names"],
+                       "train_statistics": manifest["train_statistics"],
+                       "signatures": ["serving_default", "embed_pixels"],
+                       **(provenance or {})}, handle, indent=2)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
 def export_run(run_dir, *, name, checkpoint="best", version=None, base_dir="saved_models"):
     """Exports a run's encoder to ``base_dir/name/version``; returns that path."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
@@ -149,21 +170,7 @@ def export_run(run_dir, *, name, checkpoint="best", version=None, base_dir="save
     if os.path.exists(final):
         raise FileExistsError(f"{final} already exists; versions are never overwritten "
                               f"(omit --version to take the next one)")
-    os.makedirs(model_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=model_dir)
-    try:
-        build_export_archive(model.backbone, model.projector, manifest).write_out(
-            staging, verbose=False)
-        write_warmup_requests(staging, manifest)
-        with open(os.path.join(staging, INFO_FILE), "w") as handle:
-            json.dump({"image_shape": manifest["image_shape"],
-                       "class_names": manifest["class_names"],
-                       "train_statistics": manifest["train_statistics"],
-                       "run_dir": os.path.abspath(run_dir), "checkpoint": checkpoint,
-                       "signatures": ["serving_default", "embed_pixels"]}, handle, indent=2)
-        os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    write_export(model.backbone, model.projector, manifest, final,
+                 provenance={"run_dir": os.path.abspath(run_dir), "checkpoint": checkpoint})
     write_models_config(base_dir)
     return final

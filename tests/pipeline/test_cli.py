@@ -12,7 +12,9 @@ def test_help_lists_commands(capsys):
     except SystemExit as stop:
         assert stop.code == 0
     out = capsys.readouterr().out
-    assert "usage: ascl" in out and "version" in out
+    assert "usage: ascl" in out
+    for command in ("prepare", "train", "evaluate", "export", "embed", "demo", "version"):
+        assert command in out
 
 
 def test_no_command_prints_help_and_fails(capsys):
@@ -24,3 +26,17 @@ def test_installed_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "version"],
                             capture_output=True, text=True, check=True)
     assert "tensorflow 2.21" in result.stdout and "keras 3." in result.stdout
+
+
+def test_subcommand_help_lists_every_flag():
+    for command, flags in (("prepare", ["--source", "--output", "--image-size", "--num-shards",
+                                        "--overwrite", "--test-fraction", "--tfds-data-dir"]),
+                           ("train", ["--config", "--run-dir", "--set", "--strategy",
+                                      "--mixed-precision", "--jit-compile"]),
+                           ("export", ["--run-dir", "--checkpoint", "--name", "--version"]),
+                           ("embed", ["--model", "--input", "--output", "--parquet"])):
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", command, "--help"],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-1000:]
+        for flag in flags:
+            assert flag in result.stdout, (command, flag)
