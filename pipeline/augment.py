@@ -11,13 +11,25 @@ ASCL's query sees a *strong* view and its key a *weak* one:
 Every function takes a batch of float images in [0, 1] and a stateless seed
 (an int64 ``[2]`` tensor), so that the input pipeline can hand each batch a
 seed drawn from one base seed per input pipeline and epoch: replicas and
-epochs then see different randomness and a run is reproducible.  Keras's own
-preprocessing layers draw from a stateful generator and take no per-call
-seed, which inside a parallel ``tf.data`` map makes neither guarantee; and
-keras-cv's per-image ``RandomCropAndResize`` measured half the speed of one
-batched ``tf.image.crop_and_resize`` here (2,500 vs 5,200 pairs/s).  The
-colour operations follow torchvision's definitions (fixed order:
-brightness, contrast, saturation, hue).
+epochs then see different randomness and a run is reproducible.
+
+Why not Keras's preprocessing layers (the house preference), measured and
+read before choosing:
+
+* the reference recipe is torchvision's ``ColorJitter(0.4, 0.4, 0.4, 0.1)``,
+  whose brightness *multiplies* by [0.6, 1.4]; Keras 3's ``RandomBrightness``
+  *adds* an offset, and ``RandomSaturation``'s factor has another scale
+  (0.5 is the identity), so the layers would silently train a different
+  recipe;
+* Keras has no random resized crop, and keras-cv's per-image
+  ``RandomCropAndResize`` ran at half the speed of one batched
+  ``tf.image.crop_and_resize`` here (about 2,500 vs 5,200 view pairs/s);
+* the layers draw from a stateful generator and take no per-call seed, so in
+  a parallel ``tf.data`` map the batch-to-randomness mapping is not
+  reproducible.
+
+The colour operations follow torchvision's definitions in a fixed order
+(brightness, contrast, saturation, hue).
 """
 
 import math

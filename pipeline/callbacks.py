@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import time
 
 import keras
 import numpy as np
@@ -48,13 +49,26 @@ class KNNMonitor(keras.callbacks.Callback):
                 json.dump({"epoch": epoch + 1, "knn_top1": self.best}, handle)
 
 
-class LearningRateLogger(keras.callbacks.Callback):
-    """Puts the optimiser's current learning rate into each epoch's logs."""
+class RunStats(keras.callbacks.Callback):
+    """Puts the learning rate, the epoch's wall time and its images/s into each epoch's logs."""
+
+    def __init__(self, images_per_epoch):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["learning_rate"] = float(np.asarray(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+        if logs is None:
+            return
+        logs["learning_rate"] = float(np.asarray(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+        if self._start is not None:
+            seconds = time.perf_counter() - self._start
+            logs["epoch_seconds"] = seconds
+            logs["images_per_second"] = self.images_per_epoch / seconds
 
 
 class HistoryFile(keras.callbacks.Callback):

@@ -162,7 +162,8 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=()):
     callback_list = [
         nan_guard,
         keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=False),
-        run_callbacks.LearningRateLogger(),
+        # before the kNN monitor, so that epoch time is training time only
+        run_callbacks.RunStats(steps_per_epoch * config.optimizer.batch_size),
         knn_monitor,
         keras.callbacks.ModelCheckpoint(
             os.path.join(paths["checkpoints"], "epoch_{epoch:04d}.weights.h5"),

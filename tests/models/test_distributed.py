@@ -112,3 +112,15 @@ def test_training_under_two_replicas_learns(two_replicas):
     history = model.fit(data, epochs=8, verbose=0).history
     assert history["loss"][-1] < history["loss"][0] - 0.3
     assert history["contrastive_accuracy"][-1] > history["contrastive_accuracy"][0] + 0.2
+
+
+def test_synchronised_batch_norm_keeps_replicas_identical(two_replicas):
+    """Sync BN normalises with global-batch statistics, so even moving stats agree."""
+    with two_replicas.scope():
+        model = _build(norm="sync", memory_size=32)
+    strong, weak = _views(GLOBAL_BATCH * 2, seed=4)
+    history = model.fit(_dataset(strong, weak), verbose=0).history
+    assert np.isfinite(history["loss"][0])
+    for weight in model.query_encoder.weights + model.key_encoder.weights:
+        copies = _per_replica(weight)
+        np.testing.assert_allclose(copies[0], copies[1], atol=1e-6, err_msg=weight.path)
