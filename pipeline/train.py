@@ -179,6 +179,7 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=()):
             manifest))
 
     model.fit(dataset, epochs=t.epochs, steps_per_epoch=steps_per_epoch, callbacks=callback_list,
+              shuffle=False,  # tf.data already shuffles; silences Keras's warning
               verbose=t.verbose)
     if nan_guard.message:
         raise TrainingError(nan_guard.message)
