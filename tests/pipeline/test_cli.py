@@ -1,5 +1,6 @@
 """The ``ascl`` console script."""
 
+import os
 import subprocess
 import sys
 
@@ -23,8 +24,8 @@ def test_no_command_prints_help_and_fails(capsys):
 
 
 def test_installed_console_script_runs():
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "version"],
-                            capture_output=True, text=True, check=True)
+    script = os.path.join(os.path.dirname(sys.executable), "ascl")
+    result = subprocess.run([script, "version"], capture_output=True, text=True, check=True)
     assert "tensorflow 2.21" in result.stdout and "keras 3." in result.stdout
 
 
