@@ -1,7 +1,8 @@
 """The ``ascl`` command line: thin glue over the pipeline's functions.
 
-Each subcommand lives in its own module and registers itself through
-``SUBCOMMANDS``; this module only builds the parser and dispatches.
+Each subcommand's work lives in its own module; this one builds the parser,
+dispatches, and turns the errors users can fix (bad config, missing dataset,
+existing output) into one-line messages and exit status 2.
 """
 
 import argparse
@@ -128,7 +129,11 @@ def main(argv=None):
     if argv and argv[0] in PASSTHROUGH:
         import importlib
 
-        return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
+        try:
+            return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
+        except (ValueError, FileExistsError, FileNotFoundError) as error:
+            print(f"ascl {argv[0]}: error: {error}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

@@ -41,3 +41,8 @@ def test_subcommand_help_lists_every_flag():
         assert result.returncode == 0, result.stderr[-1000:]
         for flag in flags:
             assert flag in result.stdout, (command, flag)
+
+
+def test_beam_job_errors_are_one_line_messages(tmp_path, capsys):
+    assert main(["prepare", "--source", "pictures", "--output", str(tmp_path / "x")]) == 2
+    assert "ascl prepare: error: --source must be" in capsys.readouterr().err
