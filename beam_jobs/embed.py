@@ -105,11 +105,12 @@ class _WriteProjector(beam.DoFn):
 
     def process(self, sample):
         sample = sorted(sample)
-        FileSystems.mkdirs(self.directory) if not FileSystems.exists(self.directory) else None
+        if not FileSystems.exists(self.directory):
+            FileSystems.mkdirs(self.directory)
+        keys = [json.loads(key) for key, _ in sample]
         vectors = "".join("\t".join(f"{v:.6f}" for v in emb) + "\n" for _, emb in sample)
         metadata = "id\tlabel\tclass\n" + "".join(
-            f"{json.loads(k)['id']}\t{json.loads(k)['label']}\t"
-            f"{self._name(json.loads(k)['label'])}\n" for k, _ in sample)
+            f"{k['id']}\t{k['label']}\t{self._name(k['label'])}\n" for k in keys)
         config = ('embeddings {\n  tensor_name: "embedding"\n  tensor_path: "vectors.tsv"\n'
                   '  metadata_path: "metadata.tsv"\n}\n')
         for name, text in (("vectors.tsv", vectors), ("metadata.tsv", metadata),
@@ -147,7 +148,8 @@ def run(argv=None):
     if options.view_as(StandardOptions).runner is None:
         options.view_as(StandardOptions).runner = "DirectRunner"
     output = args.output.rstrip("/")
-    FileSystems.mkdirs(output) if not FileSystems.exists(output) else None
+    if not FileSystems.exists(output):
+        FileSystems.mkdirs(output)
     handler = KeyedModelHandler(SavedModelHandler(
         args.model, inference_fn=embed_pixels_inference, max_batch_size=args.batch_size))
 

@@ -168,8 +168,8 @@ def _write_file(path, chunks, **info):
 class WriteManifest(beam.DoFn):
     """Runs once, after every shard and dead letter is written: checks and writes the manifest."""
 
-    def __init__(self, output, *, source, image_size):
-        self.output, self.source, self.image_size = output, source, image_size
+    def __init__(self, output, *, source):
+        self.output, self.source = output, source
 
     def process(self, _, shards, shards_per_split, class_names, stats, shapes, input_count,
                 dead_count, dead_files):
@@ -327,7 +327,7 @@ def build_pipeline(pipeline, args):
     return (pipeline
             | "Once" >> beam.Create([None])
             | "WriteManifest" >> beam.ParDo(
-                WriteManifest(args.output, source=args.source, image_size=args.image_size),
+                WriteManifest(args.output, source=args.source),
                 shards=side.AsList(shards), shards_per_split=side.AsDict(shards_per_split),
                 class_names=side.AsSingleton(class_names), stats=side.AsSingleton(stats),
                 shapes=side.AsList(shapes), input_count=side.AsSingleton(input_count),

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import evaluate
+from pipeline import data, evaluate
 
 
 class KNNMonitor(keras.callbacks.Callback):
@@ -107,9 +107,7 @@ class ViewImages(keras.callbacks.Callback):
     def __init__(self, batch, log_dir, count, manifest):
         super().__init__()
         self.batch, self.log_dir, self.count = batch, log_dir, count
-        stats = manifest["train_statistics"]
-        self.mean = np.asarray(stats["mean"], np.float32)
-        self.std = np.maximum(np.asarray(stats["std"], np.float32), 0.255)
+        self.mean, self.std = data.channel_statistics(manifest)
 
     def _pixels(self, views):
         return np.clip((views[: self.count] * self.std + self.mean) / 255.0, 0.0, 1.0)

@@ -12,6 +12,7 @@ by ``seed`` and the input pipeline id and re-randomised every epoch, so every
 replica and every epoch draws different augmentations from one seed.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from pipeline import augment
@@ -25,12 +26,21 @@ def dataset_bytes(manifest, split):
     return manifest["splits"][split]["num_examples"] * height * width * channels
 
 
+def channel_statistics(manifest):
+    """Per-channel ``(mean, std)`` of the train split in pixel units (0-255), as float32 arrays.
+
+    The std is floored at 0.255 (1e-3 in [0, 1] units): a constant channel must not
+    divide by zero.  Training, the TensorBoard previews and the export all use these.
+    """
+    stats = manifest["train_statistics"]
+    return (np.asarray(stats["mean"], np.float32),
+            np.maximum(np.asarray(stats["std"], np.float32), np.float32(0.255)))
+
+
 def normalizer(manifest):
     """A function mapping float images in [0, 1] to the manifest's standardised units."""
-    stats = manifest["train_statistics"]
-    mean = tf.constant(stats["mean"], tf.float32) / 255.0
-    std = tf.constant(stats["std"], tf.float32) / 255.0
-    std = tf.maximum(std, 1e-3)  # a constant channel must not divide by zero
+    mean, std = channel_statistics(manifest)
+    mean, std = tf.constant(mean / 255.0), tf.constant(std / 255.0)
     return lambda images: (images - mean) / std
 
 

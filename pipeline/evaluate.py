@@ -160,11 +160,9 @@ def evaluate_run(run_dir, *, checkpoint="best", output=None, linear=True, verbos
     Also writes a sample of test embeddings for TensorBoard's projector under
     ``RUN/tensorboard/projector``.  Returns the report.
     """
-    from pipeline.train import load_trained_model
+    from pipeline.train import load_trained_model, resolve_checkpoint
 
-    if checkpoint == "best" and not os.path.exists(
-            os.path.join(run_dir, "checkpoints", "best.weights.h5")):
-        checkpoint = "last"  # runs without a kNN monitor have no best checkpoint
+    checkpoint = resolve_checkpoint(run_dir, checkpoint)
     model, config, manifest = load_trained_model(run_dir, checkpoint)
     e, d = config.evaluation, config.data
     splits = dict(train_split=d.train_split, eval_split=d.eval_split)

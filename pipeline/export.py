@@ -30,7 +30,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.train import load_trained_model
+from pipeline.data import channel_statistics
+from pipeline.train import load_trained_model, resolve_checkpoint
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 INFO_FILE = os.path.join("assets.extra", "ascl_export.json")
@@ -45,22 +46,24 @@ def _next_version(model_dir):
 def _preprocess_bytes(image_bytes, height, width):
     """Decode one image and resize its shorter side then centre-crop to ``height x width``."""
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = tf.maximum(height / shape[0], width / shape[1])
-    new_size = tf.cast(tf.math.ceil(shape * scale), tf.int32)
-    resized = tf.image.resize(image, new_size, method="bicubic", antialias=True)
+
+    def resize_and_crop():
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = tf.maximum(height / shape[0], width / shape[1])
+        new_size = tf.cast(tf.math.ceil(shape * scale), tf.int32)
+        resized = tf.image.resize(image, new_size, method="bicubic", antialias=True)
+        cropped = tf.image.resize_with_crop_or_pad(resized, height, width)
+        return tf.cast(tf.clip_by_value(tf.round(cropped), 0, 255), tf.uint8)
+
+    # Images already at the training size (the common case) skip the resize entirely.
     same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
-    resized = tf.cond(same, lambda: tf.cast(image, tf.float32), lambda: resized)
-    cropped = tf.image.resize_with_crop_or_pad(resized, height, width)
-    return tf.cast(tf.clip_by_value(tf.round(cropped), 0, 255), tf.uint8)
+    return tf.ensure_shape(tf.cond(same, lambda: image, resize_and_crop), [height, width, 3])
 
 
 def build_export_archive(backbone, projector, manifest):
     """An ``ExportArchive`` with the ``serving_default`` and ``embed_pixels`` endpoints."""
     height, width, _ = manifest["image_shape"]
-    stats = manifest["train_statistics"]
-    mean = tf.constant(stats["mean"], tf.float32)
-    std = tf.maximum(tf.constant(stats["std"], tf.float32), 0.255)
+    mean, std = (tf.constant(value) for value in channel_statistics(manifest))
 
     def outputs(images):
         x = (tf.cast(images, tf.float32) - mean) / std
@@ -158,9 +161,7 @@ def export_run(run_dir, *, name, checkpoint="best", version=None, base_dir="save
     """Exports a run's encoder to ``base_dir/name/version``; returns that path."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
         raise ValueError(f"--name must be letters, digits, '.', '_' or '-', received {name!r}")
-    if checkpoint == "best" and not os.path.exists(
-            os.path.join(run_dir, "checkpoints", "best.weights.h5")):
-        checkpoint = "last"
+    checkpoint = resolve_checkpoint(run_dir, checkpoint)
     model, _, manifest = load_trained_model(run_dir, checkpoint)
     model_dir = os.path.join(base_dir, name)
     version = version or _next_version(model_dir)

@@ -198,6 +198,15 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=()):
     return summary
 
 
+def resolve_checkpoint(run_dir, checkpoint):
+    """``best`` or ``last`` by name (``best`` falls back to ``last`` when the run kept no
+    best: runs without a kNN monitor have none), or any other value as given."""
+    if checkpoint == "best" and not os.path.exists(
+            os.path.join(run_dir, "checkpoints", "best.weights.h5")):
+        return "last"
+    return checkpoint
+
+
 def load_trained_model(run_dir, checkpoint="last"):
     """``(model, config, manifest)`` of a run, weights from ``best``, ``last`` or a path."""
     from pipeline.config import load_config
