@@ -9,8 +9,11 @@ Writes, under ``--output``:
 
 * ``<split>-00000-of-000NN.tfrecord``: ``tf.train.Example`` records with the
   PNG-encoded image, label index (-1 if unlabelled), class name, a stable id
-  and the source path.  An example's shard is a hash of its id and shards
-  are sorted by id, so the same input always gives byte-identical shards.
+  and the source path.  An example's shard is a hash of its id, and inside a
+  shard examples are ordered by a keyed hash of the id (``order_key``): an
+  order that is deterministic, so the same input always gives byte-identical
+  shards, and independent of the class (ids begin with the class folder, so
+  sorting by id would write class-sorted shards).
 * ``dead_letters-00000-of-00001.jsonl``: one JSON line per rejected input,
   with its path and reason.
 * ``manifest.json``, **last**: format version, source, creation time, image
@@ -59,6 +62,16 @@ def shard_of(example_id, num_shards):
     """The shard an example belongs to: a stable hash of its id."""
     digest = hashlib.sha256(example_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def order_key(example_id):
+    """Where an example sits inside its shard: a keyed hash of its id.
+
+    Keyed with another key than ``shard_of`` so that the order inside a shard is
+    not a function of the shard index, and unrelated to the class in the id.
+    """
+    return hashlib.blake2b(example_id.encode("utf-8"), digest_size=16,
+                           key=b"ascl/shard-order").digest()
 
 
 def make_example(*, png, shape, label, class_name, example_id, source_path, split):
@@ -138,7 +151,7 @@ class ToExample(beam.DoFn):
 
 
 class WriteShard(beam.DoFn):
-    """Writes one shard, examples sorted by id, and reports its size and sha256."""
+    """Writes one shard, examples in ``order_key`` order, and reports its size and sha256."""
 
     def __init__(self, output):
         self.output = output
@@ -146,7 +159,7 @@ class WriteShard(beam.DoFn):
     def process(self, keyed_examples):
         (split, index, count), examples = keyed_examples
         name = shard_file_name(split, index, count)
-        examples = sorted(examples)
+        examples = sorted(examples, key=lambda item: (order_key(item[0]), item[0]))
         yield _write_file(FileSystems.join(self.output, name),
                           [encode_record(example) for _, example in examples],
                           split=split, num_examples=len(examples))

@@ -37,7 +37,7 @@ def plot(results, path):
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for arm, info in results["arms"].items():
         epochs = [r["epoch"] for r in info["history"]]
-        axis.plot(epochs, [100 * r["knn_top1"] for r in info["history"]], marker="o", label=arm)
+        axis.plot(epochs, [100 * r["test_knn_top1"] for r in info["history"]], marker="o", label=arm)
     axis.axhline(100 * results["raw_pixel_knn"]["top1"], color="gray", linestyle="--",
                  label="raw-pixel kNN")
     axis.set_xlabel("epoch")
@@ -53,7 +53,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=".data/cifar10-prepared")
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--train-limit", type=int, default=0, help="use the first N train images")
+    parser.add_argument("--train-limit", type=int, default=0,
+                        help="train on a fixed class-mixed sample of N train images")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--runs", default="runs/cifar10_quality")
     parser.add_argument("--out", default="bench/results")
@@ -63,7 +64,8 @@ def main():
     from pipeline.config import load_config
     from pipeline.evaluate import linear_probe, raw_pixel_knn
     from pipeline.prepared_dataset import load_manifest
-    from pipeline.train import load_trained_model, train
+    from pipeline.run_dir import load_trained_model
+    from pipeline.train import train
 
     manifest = load_manifest(args.data)
     os.makedirs(args.out, exist_ok=True)
@@ -75,6 +77,7 @@ def main():
         "test_examples": manifest["splits"]["test"]["num_examples"], "arms": {}}
     common = [f"data.dataset={args.data}", f"train.epochs={args.epochs}", "train.knn_every=1",
               "train.checkpoint_every=1000", "train.verbose=2", "train.seed=0",
+              "data.validation_size=0",  # pre-train on all 50,000 as the reference does
               f"data.train_limit={args.train_limit}", f"evaluation.linear_epochs={args.linear_epochs}"]
     results["raw_pixel_knn"] = raw_pixel_knn(manifest, train_split="train", eval_split="test",
                                              k=200, temperature=0.1, batch_size=1000)
@@ -94,11 +97,11 @@ def main():
                              augment=False)
         results["arms"][arm] = {
             "overrides": ARMS[arm], "train_seconds": round(seconds, 1),
-            "history": [{"epoch": r["epoch"], "knn_top1": r["knn_top1"], "loss": r["loss"],
+            "history": [{"epoch": r["epoch"], "knn_top1": r["test_knn_top1"], "loss": r["loss"],
                          "confidence": r["confidence"], "max_soft_label": r["max_soft_label"],
                          "contrastive_accuracy": r["contrastive_accuracy"]} for r in history],
-            "final_knn_top1": history[-1]["knn_top1"], "linear_probe": probe}
-        print(arm, "final kNN", history[-1]["knn_top1"], "linear", probe, flush=True)
+            "final_knn_top1": history[-1]["test_knn_top1"], "linear_probe": probe}
+        print(arm, "final kNN", history[-1]["test_knn_top1"], "linear", probe, flush=True)
         with open(results_path, "w") as handle:  # partial results survive an interruption
             json.dump(results, handle, indent=2)
     plot(results, os.path.join(args.out, "cifar10_quality.png"))

@@ -1,42 +1,43 @@
 """Two-view augmentation, vectorised over a batch, driven by explicit seeds.
 
-ASCL's query sees a *strong* view and its key a *weak* one:
+ASCL's query sees a *strong* view and its key a *weak* one, as in the
+reference (torchvision transforms on PIL images):
 
-* strong: random resized crop (scale 0.2-1.0) + horizontal flip + colour
-  jitter (brightness 0.4, contrast 0.4, saturation 0.4, hue 0.1) with
-  p=0.8 + grayscale with p=0.2 (+ Gaussian blur, sigma 0.1-2.0, p=0.5; off by
-  default below 64 px as in the reference CIFAR recipe);
-* weak: random resized crop (scale 0.2-1.0) + horizontal flip.
+* strong: ``RandomResizedCrop(scale=(0.2, 1))`` + horizontal flip +
+  ``ColorJitter(0.4, 0.4, 0.4, 0.1)`` with p=0.8 (the four operations in a
+  random order per image) + grayscale with p=0.2 + Gaussian blur (sigma
+  uniform in [0.1, 2.0] pixels, p=0.5) at every image size;
+* weak: ``RandomResizedCrop(scale=(0.2, 1))`` + horizontal flip.
 
 Every function takes a batch of float images in [0, 1] and a stateless seed
 (an int64 ``[2]`` tensor), so that the input pipeline can hand each batch a
 seed drawn from one base seed per input pipeline and epoch: replicas and
-epochs then see different randomness and a run is reproducible.
+epochs then see different randomness and a run is reproducible.  The
+reference behaviour of each operation (torchvision's crop parameters and
+colour operations, PIL's blur) is what the tests compare against.
 
 Why not Keras's preprocessing layers (the house preference), measured and
 read before choosing:
 
-* the reference recipe is torchvision's ``ColorJitter(0.4, 0.4, 0.4, 0.1)``,
-  whose brightness *multiplies* by [0.6, 1.4]; Keras 3's ``RandomBrightness``
-  *adds* an offset, and ``RandomSaturation``'s factor has another scale
-  (0.5 is the identity), so the layers would silently train a different
-  recipe;
-* Keras has no random resized crop, and keras-cv's per-image
-  ``RandomCropAndResize`` ran at half the speed of one batched
-  ``tf.image.crop_and_resize`` here (about 2,500 vs 5,200 view pairs/s);
+* torchvision's ``ColorJitter`` brightness *multiplies* by [0.6, 1.4] and
+  applies its operations in a random order; Keras 3's ``RandomBrightness``
+  *adds* an offset, ``RandomSaturation``'s factor has another scale (0.5 is
+  the identity), and ``RandomColorJitter`` uses a fixed order, so the layers
+  would silently train a different recipe;
+* Keras has no random resized crop with torchvision's ten tries and
+  fallback, and keras-cv's per-image ``RandomCropAndResize`` ran at half the
+  speed of one batched ``tf.image.crop_and_resize`` here (about 2,500 vs
+  5,200 view pairs/s);
 * the layers draw from a stateful generator and take no per-call seed, so in
   a parallel ``tf.data`` map the batch-to-randomness mapping is not
   reproducible.
-
-The colour operations follow torchvision's definitions in a fixed order
-(brightness, contrast, saturation, hue).
 """
 
 import math
 
 import tensorflow as tf
 
-_GRAY = tf.constant([0.299, 0.587, 0.114])
+_GRAY = tf.constant([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale
 
 
 def _split(seed, count):
@@ -60,21 +61,69 @@ def _grayscale(images):
     return tf.reduce_sum(images * _GRAY, axis=-1, keepdims=True)
 
 
-def random_resized_crop(images, seed, *, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Crops a random area fraction in ``scale`` with aspect ratio in ``ratio``, resized to ``size``."""
-    batch = _batch_size(images)
+def resized_crop_windows(seed, batch, height, width, *, scale=(0.08, 1.0),
+                         ratio=(3 / 4, 4 / 3), attempts=10):
+    """Integer crop windows ``(top, left, crop_height, crop_width)`` [B] each, drawn as
+    torchvision's ``RandomResizedCrop.get_params`` draws them.
+
+    Per image, up to ``attempts`` tries: an area of ``U(scale)`` times the image's
+    area and an aspect ratio of ``exp(U(log ratio))`` give ``w = round(sqrt(area *
+    ratio))`` and ``h = round(sqrt(area / ratio))``; the first try that fits
+    inside the image is placed uniformly at random.  When none fits, the
+    fallback is the whole image clamped to the ratio range, centred.  All tries
+    are drawn at once, so the batch stays vectorised.
+    """
+    height_f, width_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    area_seed, ratio_seed, y_seed, x_seed = _split(seed, 4)
+    target = height_f * width_f * tf.random.stateless_uniform([batch, attempts], area_seed,
+                                                              scale[0], scale[1])
+    aspect = tf.exp(tf.random.stateless_uniform([batch, attempts], ratio_seed,
+                                                math.log(ratio[0]), math.log(ratio[1])))
+    tries_w = tf.round(tf.sqrt(target * aspect))  # round half to even, like Python's round
+    tries_h = tf.round(tf.sqrt(target / aspect))
+    fits = (tries_w > 0) & (tries_w <= width_f) & (tries_h > 0) & (tries_h <= height_f)
+    first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    found = tf.reduce_any(fits, axis=1)
+    crop_w = tf.gather(tries_w, first, batch_dims=1)
+    crop_h = tf.gather(tries_h, first, batch_dims=1)
+    top = tf.floor(_uniform(y_seed, batch) * (height_f - crop_h + 1))
+    left = tf.floor(_uniform(x_seed, batch) * (width_f - crop_w + 1))
+    # torchvision's fallback: the largest centred window with a ratio in range.
+    in_ratio = width_f / height_f
+    fallback_w = tf.where(in_ratio < min(ratio), width_f,
+                          tf.where(in_ratio > max(ratio), tf.round(height_f * max(ratio)), width_f))
+    fallback_h = tf.where(in_ratio < min(ratio), tf.round(width_f / min(ratio)), height_f)
+    fallback_top = tf.floor((height_f - fallback_h) / 2)
+    fallback_left = tf.floor((width_f - fallback_w) / 2)
+    pick = lambda drawn, fallback: tf.where(found, drawn, tf.fill([batch], fallback))  # noqa: E731
+    return (pick(top, fallback_top), pick(left, fallback_left), pick(crop_h, fallback_h),
+            pick(crop_w, fallback_w))
+
+
+def crop_and_resize_windows(images, windows, size):
+    """Bilinear resize of integer pixel windows to ``size`` x ``size``, half-pixel centres
+    as in PIL and torchvision (coordinates clamped to the image at its border)."""
+    top, left, crop_h, crop_w = windows
     height = tf.cast(tf.shape(images)[1], tf.float32)
     width = tf.cast(tf.shape(images)[2], tf.float32)
-    area_seed, ratio_seed, y_seed, x_seed = _split(seed, 4)
-    area = _uniform(area_seed, batch, *scale)
-    log_ratio = _uniform(ratio_seed, batch, math.log(ratio[0]), math.log(ratio[1]))
-    aspect = tf.exp(log_ratio)
-    crop_w = tf.minimum(1.0, tf.sqrt(area * aspect * height / width))
-    crop_h = tf.minimum(1.0, tf.sqrt(area / aspect * width / height))
-    top = _uniform(y_seed, batch) * (1.0 - crop_h)
-    left = _uniform(x_seed, batch) * (1.0 - crop_w)
-    boxes = tf.stack([top, left, top + crop_h, left + crop_w], axis=1)
-    return tf.image.crop_and_resize(images, boxes, tf.range(batch), [size, size])
+
+    def span(start, extent, limit):
+        first = start + 0.5 * extent / size - 0.5
+        last = start + extent - 0.5 * extent / size - 0.5
+        return (tf.clip_by_value(first, 0.0, limit - 1) / (limit - 1),
+                tf.clip_by_value(last, 0.0, limit - 1) / (limit - 1))
+
+    y1, y2 = span(top, crop_h, height)
+    x1, x2 = span(left, crop_w, width)
+    boxes = tf.stack([y1, x1, y2, x2], axis=1)
+    return tf.image.crop_and_resize(images, boxes, tf.range(_batch_size(images)), [size, size])
+
+
+def random_resized_crop(images, seed, *, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's ``RandomResizedCrop(size, scale, ratio)``, per image, vectorised."""
+    windows = resized_crop_windows(seed, _batch_size(images), tf.shape(images)[1],
+                                   tf.shape(images)[2], scale=scale, ratio=ratio)
+    return crop_and_resize_windows(images, windows, size)
 
 
 def random_flip(images, seed):
@@ -83,23 +132,75 @@ def random_flip(images, seed):
     return tf.where(_per_image(flip), tf.reverse(images, axis=[2]), images)
 
 
+def _brightness(images, factor):
+    return tf.clip_by_value(images * _per_image(factor), 0.0, 1.0)
+
+
+def _contrast(images, factor):
+    mean = tf.reduce_mean(_grayscale(images), axis=[1, 2, 3], keepdims=True)
+    return tf.clip_by_value((images - mean) * _per_image(factor) + mean, 0.0, 1.0)
+
+
+def _saturation(images, factor):
+    gray = _grayscale(images)
+    return tf.clip_by_value((images - gray) * _per_image(factor) + gray, 0.0, 1.0)
+
+
+def _hue(images, shift):
+    hsv = tf.image.rgb_to_hsv(images)
+    hue = tf.math.floormod(hsv[..., :1] + _per_image(shift), 1.0)
+    return tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], axis=-1))
+
+
+# torchvision's ColorJitter operations, in the column order of ``factors`` below.
+_COLOR_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
+def jitter_colors(images, factors, order):
+    """Applies brightness, contrast, saturation and hue with per-image ``factors`` [B, 4]
+    (multipliers, multipliers, multipliers, hue shift) in the per-image ``order`` [B, 4]
+    (a permutation of 0..3 per row), as torchvision's ColorJitter does with its
+    ``randperm(4)``.
+
+    Each stage partitions the batch by the operation each image needs next, so
+    every image goes through exactly four operations.
+    """
+    order = tf.cast(order, tf.int32)
+    positions = tf.range(_batch_size(images))
+    out = images
+    for stage in range(len(_COLOR_OPS)):
+        op_index = order[:, stage]
+        parts = tf.dynamic_partition(out, op_index, len(_COLOR_OPS))
+        factor_parts = tf.dynamic_partition(
+            tf.gather(factors, op_index, axis=1, batch_dims=1), op_index, len(_COLOR_OPS))
+        index_parts = tf.dynamic_partition(positions, op_index, len(_COLOR_OPS))
+        results = [op(part, factor) for op, part, factor in zip(_COLOR_OPS, parts, factor_parts)]
+        out = tf.reshape(tf.dynamic_stitch(index_parts, results), tf.shape(images))
+    return out
+
+
+def draw_color_jitter(seed, batch, *, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                      p=0.8):
+    """``(factors [B, 4], order [B, 4], applied [B])`` of torchvision's
+    ``RandomApply([ColorJitter(b, c, s, h)], p)``: per image, factors uniform in
+    ``[1 - b, 1 + b]``, ``[1 - c, 1 + c]``, ``[1 - s, 1 + s]``, ``[-h, h]``, a uniformly
+    random order of the four operations (its ``randperm(4)``), and whether to apply."""
+    apply_seed, b_seed, c_seed, s_seed, h_seed, order_seed = _split(seed, 6)
+    factors = tf.stack([_uniform(b_seed, batch, 1 - brightness, 1 + brightness),
+                        _uniform(c_seed, batch, 1 - contrast, 1 + contrast),
+                        _uniform(s_seed, batch, 1 - saturation, 1 + saturation),
+                        _uniform(h_seed, batch, -hue, hue)], axis=1)
+    # argsort of i.i.d. uniforms: a uniformly random permutation per image
+    order = tf.argsort(tf.random.stateless_uniform([batch, 4], order_seed), axis=1)
+    return factors, order, _uniform(apply_seed, batch) < p
+
+
 def color_jitter(images, seed, *, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8):
-    """torchvision's ColorJitter with per-image factors, applied to each image with probability p."""
-    batch = _batch_size(images)
-    apply_seed, b_seed, c_seed, s_seed, h_seed = _split(seed, 5)
-    out = images * _per_image(_uniform(b_seed, batch, 1 - brightness, 1 + brightness))
-    out = tf.clip_by_value(out, 0.0, 1.0)
-    mean = tf.reduce_mean(_grayscale(out), axis=[1, 2, 3], keepdims=True)
-    out = tf.clip_by_value(
-        (out - mean) * _per_image(_uniform(c_seed, batch, 1 - contrast, 1 + contrast)) + mean, 0., 1.)
-    gray = _grayscale(out)
-    out = tf.clip_by_value(
-        (out - gray) * _per_image(_uniform(s_seed, batch, 1 - saturation, 1 + saturation)) + gray,
-        0.0, 1.0)
-    hsv = tf.image.rgb_to_hsv(out)
-    shifted_hue = tf.math.floormod(hsv[..., :1] + _per_image(_uniform(h_seed, batch, -hue, hue)), 1.0)
-    out = tf.image.hsv_to_rgb(tf.concat([shifted_hue, hsv[..., 1:]], axis=-1))
-    return tf.where(_per_image(_uniform(apply_seed, batch) < p), out, images)
+    """torchvision's ``RandomApply([ColorJitter(b, c, s, h)], p)``, per image."""
+    factors, order, applied = draw_color_jitter(
+        seed, _batch_size(images), brightness=brightness, contrast=contrast,
+        saturation=saturation, hue=hue, p=p)
+    return tf.where(_per_image(applied), jitter_colors(images, factors, order), images)
 
 
 def random_grayscale(images, seed, *, p=0.2):
@@ -108,28 +209,45 @@ def random_grayscale(images, seed, *, p=0.2):
     return tf.where(_per_image(_uniform(seed, _batch_size(images)) < p), gray, images)
 
 
-def gaussian_blur(images, seed, *, sigma=(0.1, 2.0), p=0.5):
-    """Separable Gaussian blur, sigma per image, kernel about a tenth of the side, reflect padding."""
-    size = images.shape[1]
-    radius = max(1, int(0.1 * size) // 2)
+def blur_radius(max_sigma):
+    """Half-width of the blur kernel: 3 sigma, so the Gaussian is not truncated."""
+    return max(1, math.ceil(3.0 * max_sigma))
+
+
+def blur_with_sigmas(images, sigmas, radius):
+    """Separable Gaussian blur of each image with its own ``sigmas`` [B] (pixels),
+    kernel ``2 * radius + 1`` wide, edges extended as PIL extends them."""
     batch = _batch_size(images)
-    apply_seed, sigma_seed = _split(seed, 2)
-    sigmas = _uniform(sigma_seed, batch, *sigma)
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    channels = images.shape[-1]
     offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
     kernels = tf.exp(-0.5 * tf.square(offsets[None, :] / sigmas[:, None]))
     kernels /= tf.reduce_sum(kernels, axis=1, keepdims=True)  # [B, k]
-    channels = images.shape[-1]
+    # Edge replication by clamped indices (tf.pad has no "edge" mode).
+    rows = tf.clip_by_value(tf.range(-radius, height + radius), 0, height - 1)
+    cols = tf.clip_by_value(tf.range(-radius, width + radius), 0, width - 1)
+    padded = tf.gather(tf.gather(images, rows, axis=1), cols, axis=2)
     # One depthwise convolution over all images at once: images become channels.
-    stacked = tf.transpose(images, [1, 2, 0, 3])  # [H, W, B, C]
-    stacked = tf.reshape(stacked, [1, tf.shape(images)[1], tf.shape(images)[2], -1])
-    per_channel = tf.reshape(tf.repeat(kernels, channels, axis=0), [-1, 2 * radius + 1])
-    padded = tf.pad(stacked, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
-    vertical = tf.transpose(per_channel)[:, None, :, None]  # [k, 1, B*C, 1]
-    horizontal = tf.transpose(per_channel)[None, :, :, None]  # [1, k, B*C, 1]
-    blurred = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
-    blurred = tf.nn.depthwise_conv2d(blurred, horizontal, [1, 1, 1, 1], "VALID")
-    blurred = tf.reshape(blurred, [tf.shape(images)[1], tf.shape(images)[2], batch, channels])
-    blurred = tf.transpose(blurred, [2, 0, 1, 3])
+    stacked = tf.transpose(padded, [1, 2, 0, 3])  # [H + 2r, W + 2r, B, C]
+    stacked = tf.reshape(stacked, [1, height + 2 * radius, width + 2 * radius, -1])
+    per_channel = tf.transpose(tf.repeat(kernels, channels, axis=0))  # [k, B*C]
+    blurred = tf.nn.depthwise_conv2d(stacked, per_channel[:, None, :, None], [1, 1, 1, 1], "VALID")
+    blurred = tf.nn.depthwise_conv2d(blurred, per_channel[None, :, :, None], [1, 1, 1, 1],
+                                     "VALID")
+    blurred = tf.reshape(blurred, [height, width, batch, channels])
+    return tf.transpose(blurred, [2, 0, 1, 3])
+
+
+def gaussian_blur(images, seed, *, sigma=(0.1, 2.0), p=0.5):
+    """The reference's ``RandomApply([GaussianBlur(sigma)], p)`` with PIL's
+    ``ImageFilter.GaussianBlur(radius=sigma)``: sigma uniform per image, in pixels.
+
+    An exact Gaussian over +-3 sigma; PIL approximates it with three box blurs,
+    which lands within about one grey level of this (tested against PIL).
+    """
+    batch = _batch_size(images)
+    apply_seed, sigma_seed = _split(seed, 2)
+    blurred = blur_with_sigmas(images, _uniform(sigma_seed, batch, *sigma), blur_radius(sigma[1]))
     return tf.where(_per_image(_uniform(apply_seed, batch) < p), blurred, images)
 
 
@@ -140,25 +258,9 @@ def weak_view(images, seed, *, size, scale=(0.2, 1.0), flip=True):
     return random_flip(out, flip_seed) if flip else out
 
 
-def strong_view(images, seed, *, size, blur=False, scale=(0.2, 1.0), flip=True):
-    """Crop + flip + colour jitter (p=0.8) + grayscale (p=0.2) [+ blur (p=0.5)]: the query's view."""
+def strong_view(images, seed, *, size, blur=True, scale=(0.2, 1.0), flip=True):
+    """Crop + flip + colour jitter (p=0.8) + grayscale (p=0.2) + blur (p=0.5): the query's view."""
     view_seed, jitter_seed, gray_seed, blur_seed = _split(seed, 4)
     out = weak_view(images, view_seed, size=size, scale=scale, flip=flip)
     out = random_grayscale(color_jitter(out, jitter_seed), gray_seed)
     return gaussian_blur(out, blur_seed) if blur else out
-
-
-def padded_crop_and_flip(images, seed, *, padding):
-    """Reflect-pad by ``padding`` and crop back at a random offset, then flip (linear-probe input)."""
-    size = images.shape[1]
-    y_seed, x_seed, flip_seed = _split(seed, 3)
-    padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]],
-                    mode="REFLECT")
-    batch = _batch_size(images)
-    total = float(size + 2 * padding - 1)
-    top = tf.floor(_uniform(y_seed, batch, 0, 2 * padding + 1)) / total
-    left = tf.floor(_uniform(x_seed, batch, 0, 2 * padding + 1)) / total
-    extent = (size - 1) / total
-    boxes = tf.stack([top, left, top + extent, left + extent], axis=1)
-    return random_flip(tf.image.crop_and_resize(padded, boxes, tf.range(batch), [size, size]),
-                       flip_seed)

@@ -10,43 +10,66 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data, evaluate
+from pipeline.run_dir import BEST_INFO
 
 
 class KNNMonitor(keras.callbacks.Callback):
-    """Every ``every`` epochs (and at the last), kNN top-1 of the backbone on a labelled split.
+    """Every ``every`` epochs (and at the last), kNN top-1 of the backbone's features.
 
-    Adds ``knn_top1`` to the epoch's logs (so History, TensorBoard and the
-    history file get it) and saves the weights as ``best_path`` whenever it
-    improves, with ``best.json`` beside them.
+    Two query sets against one bank (the training split without its
+    validation hold-out):
+
+    * ``val_knn_top1``, on the validation hold-out: the only number that
+      chooses the ``best`` checkpoint (saved as ``best_path`` with ``best.json``
+      beside it, recording the epoch and the split);
+    * ``test_knn_top1``, on the test split: a curve to look at, never used
+      to choose anything.
+
+    Both go into the epoch's logs, so History, TensorBoard (``val_`` under the
+    validation run) and the history file get them.
     """
 
-    def __init__(self, manifest, *, train_split, eval_split, every, epochs, k, temperature,
-                 batch_size, best_path, limit=None):
+    def __init__(self, manifest, *, bank, validation, test, every, epochs, k, temperature,
+                 batch_size, best_path):
         super().__init__()
-        self.manifest, self.train_split, self.eval_split = manifest, train_split, eval_split
+        self.manifest, self.bank, self.validation, self.test = manifest, bank, validation, test
         self.every, self.epochs, self.k, self.temperature = every, epochs, k, temperature
-        self.batch_size, self.best_path, self.limit = batch_size, best_path, limit
+        self.batch_size, self.best_path = batch_size, best_path
         self.best = -math.inf
-        info_path = os.path.join(os.path.dirname(best_path), "best.json")
-        if os.path.exists(info_path):  # a resumed run keeps its best so far
-            with open(info_path) as handle:
+        self.info_path = os.path.join(os.path.dirname(best_path), BEST_INFO)
+        if os.path.exists(self.info_path):  # a resumed run keeps its best so far
+            with open(self.info_path) as handle:
                 self.best = json.load(handle)["knn_top1"]
+
+    def _features(self, selection):
+        return evaluate.embed(self.model.backbone, data.eval_dataset(
+            self.manifest, selection, batch_size=self.batch_size))
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.every or ((epoch + 1) % self.every and epoch + 1 != self.epochs):
             return
-        result = evaluate.encoder_knn(
-            self.model.backbone, self.manifest, train_split=self.train_split,
-            eval_split=self.eval_split, k=self.k, temperature=self.temperature,
-            batch_size=self.batch_size, limit=self.limit)
+        bank = self._features(self.bank)
+        num_classes = len(self.manifest["class_names"])
+        score = lambda queries: evaluate.knn_accuracy(  # noqa: E731
+            bank, self._features(queries), k=self.k, temperature=self.temperature,
+            num_classes=num_classes)["top1"]
+        results = {}
+        if self.validation is not None:
+            results["val_knn_top1"] = score(self.validation)
+        if self.test is not None:
+            results["test_knn_top1"] = score(self.test)
         if logs is not None:
-            logs["knn_top1"] = result["top1"]
-        print(f"\nepoch {epoch + 1}: kNN top-1 {result['top1']:.4f} on {self.eval_split}")
-        if result["top1"] > self.best:
-            self.best = result["top1"]
+            logs.update(results)
+        print(f"\nepoch {epoch + 1}: kNN top-1 " + ", ".join(
+            f"{value:.4f} on {'validation' if key.startswith('val') else 'test'}"
+            for key, value in results.items()))
+        value = results.get("val_knn_top1")
+        if value is not None and value > self.best:
+            self.best = value
             self.model.save_weights(self.best_path)
-            with open(os.path.join(os.path.dirname(self.best_path), "best.json"), "w") as handle:
-                json.dump({"epoch": epoch + 1, "knn_top1": self.best}, handle)
+            with open(self.info_path, "w") as handle:
+                json.dump({"epoch": epoch + 1, "knn_top1": value,
+                           "split": self.validation.description}, handle)
 
 
 class RunStats(keras.callbacks.Callback):

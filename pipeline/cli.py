@@ -99,7 +99,9 @@ def build_parser():
     evaluate = subcommands.add_parser(
         "evaluate", help="kNN, linear probe and raw-pixel baseline for a trained run")
     evaluate.add_argument("--run-dir", required=True)
-    evaluate.add_argument("--checkpoint", default="best", help="best, last or a weights path")
+    evaluate.add_argument("--checkpoint", default="last",
+                          help="last (default), best (by kNN on the validation hold-out) or a "
+                               "weights path")
     evaluate.add_argument("--output", help="report path (default RUN/evaluation.json)")
     evaluate.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     evaluate.set_defaults(handler=_evaluate)
@@ -107,7 +109,9 @@ def build_parser():
     export = subcommands.add_parser(
         "export", help="export a run's encoder as a SavedModel for TF Serving")
     export.add_argument("--run-dir", required=True)
-    export.add_argument("--checkpoint", default="best", help="best, last or a weights path")
+    export.add_argument("--checkpoint", default="last",
+                        help="last (default), best (by kNN on the validation hold-out) or a "
+                             "weights path")
     export.add_argument("--name", required=True, help="model name (saved_models/NAME/VERSION)")
     export.add_argument("--version", type=int, help="default: the next integer")
     export.add_argument("--base-dir", default="saved_models")

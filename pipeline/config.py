@@ -27,15 +27,19 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset: str = ""                 # folder written by `ascl prepare` (local or gs://)
     train_split: str = "train"
-    eval_split: str = "test"          # labelled split for the kNN monitor and evaluation
+    eval_split: str = "test"          # labelled split for evaluation and the test-split kNN curve
+    validation_size: float = 0.1      # held out of train_split (never pre-trained on) to choose
+                                      # the `best` checkpoint by kNN: a count if >= 1, a fraction
+                                      # if < 1, 0 for none (then there is no `best`)
     key_view: str = "weak"            # "weak" (crop + flip) or "strong" (the paper's ablation)
-    blur: str = "auto"                # "auto" (on from 64 px), "on" or "off"
+    blur: bool = True                 # Gaussian blur in the strong view (p 0.5, sigma 0.1-2 px),
+                                      # at every image size as in the reference
     crop_min_scale: float = 0.2
     flip: bool = True                 # random horizontal flips (off for digits and text)
-    shuffle_buffer: int = 10_000
+    shuffle_buffer: int = 10_000      # when a split is not cached; a cached one is shuffled whole
     cache: bool = True
-    train_limit: int = 0              # use only the first N training images (0: all)
-    eval_limit: int = 0               # use only the first N images of each eval split (0: all)
+    train_limit: int = 0              # train on a fixed class-mixed sample of N images (0: all)
+    eval_limit: int = 0               # evaluate on a fixed class-mixed sample of N per split
 
 
 @dataclasses.dataclass
@@ -64,12 +68,12 @@ class AsclConfig:
 @dataclasses.dataclass
 class OptimizerConfig:
     batch_size: int = 256             # global batch size
-    lr: float = 0.06                  # base learning rate at reference_batch_size
+    lr: float = 0.03                  # base learning rate at reference_batch_size (reference)
     lr_scaling: str = "linear"        # "linear": lr * batch_size / reference_batch_size; "none"
     reference_batch_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 5e-4        # L2 on every trainable weight, as torch.optim.SGD does
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 5.0        # linear warm-up from 0, then cosine to 0 (per step)
 
 
 @dataclasses.dataclass
@@ -93,10 +97,11 @@ class EvaluationConfig:
     batch_size: int = 512
     linear_epochs: int = 100
     linear_lr: float = 10.0
-    linear_milestones: typing.List[int] = dataclasses.field(default_factory=lambda: [60, 80])
-    linear_batch_size: int = 256
-    linear_augment: bool = True       # crop+flip views through the frozen backbone every epoch;
-                                      # false: train on features of centre views computed once
+    linear_milestones: typing.List[float] = dataclasses.field(default_factory=lambda: [0.6, 0.8])
+                                      # fractions of linear_epochs where the lr drops tenfold
+    linear_batch_size: int = 256      # linear_lr is for batch 256, scaled linearly
+    linear_augment: bool = True       # RandomResizedCrop + flip views through the frozen backbone
+                                      # every epoch; false: features of centre views, once
     projector_samples: int = 1000     # test embeddings written for TensorBoard's projector
 
 
@@ -113,6 +118,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# YAML 1.1 reads these as booleans unquoted; quoted, they arrive as strings.
+_BOOL_WORDS = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+
+
 def _suggest(name, choices):
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -127,6 +136,8 @@ def _coerce(path, value, annotation):
             raise ConfigError(f"{path} must be a list of {item_type.__name__}, received {value!r}")
         return [_coerce(f"{path}[{i}]", item, item_type) for i, item in enumerate(value)]
     if annotation is bool:
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{path} must be true or false, received {value!r}")
         return value
@@ -165,7 +176,12 @@ def validate(config):
     d, m, a, o, t, e = (config.data, config.model, config.ascl, config.optimizer, config.train,
                         config.evaluation)
     _choice("data.key_view", d.key_view, ("weak", "strong"))
-    _choice("data.blur", d.blur, ("auto", "on", "off"))
+    if d.validation_size < 0:
+        raise ConfigError(f"data.validation_size must be >= 0 (a count if >= 1, a fraction if "
+                          f"< 1), received {d.validation_size!r}")
+    if d.validation_size >= 1 and not float(d.validation_size).is_integer():
+        raise ConfigError(f"data.validation_size must be a whole count when >= 1, received "
+                          f"{d.validation_size!r}")
     if not 0.0 < d.crop_min_scale <= 1.0:
         raise ConfigError(f"data.crop_min_scale must be in (0, 1], received {d.crop_min_scale!r}")
     _at_least("data.shuffle_buffer", d.shuffle_buffer, 1)
@@ -214,6 +230,13 @@ def validate(config):
     _at_least("evaluation.linear_epochs", e.linear_epochs, 0)
     _positive("evaluation.linear_lr", e.linear_lr)
     _at_least("evaluation.linear_batch_size", e.linear_batch_size, 1)
+    for index, fraction in enumerate(e.linear_milestones):
+        if not 0.0 < fraction < 1.0:
+            raise ConfigError(f"evaluation.linear_milestones[{index}] must be a fraction of "
+                              f"evaluation.linear_epochs in (0, 1), received {fraction!r}")
+    if list(e.linear_milestones) != sorted(set(e.linear_milestones)):
+        raise ConfigError(f"evaluation.linear_milestones must be increasing, received "
+                          f"{e.linear_milestones!r}")
     _at_least("evaluation.projector_samples", e.projector_samples, 0)
     return config
 

@@ -2,10 +2,12 @@
 
 Pre-training elements are dicts ``{"strong_view", "weak_view", "label"}`` of
 normalised float32 ``[B, S, S, 3]`` views (``ASCLModel.fit`` ignores the
-label).  The chain: read shards (parallel interleave) -> decode -> cache the
-decoded uint8 images in memory when they fit -> shuffle -> batch (dropping
-the remainder) -> two views per image, vectorised per batch -> normalise with
-the manifest's mean and std -> prefetch.
+label).  The chain: read shards (file order reshuffled every epoch, parallel
+interleave) -> decode -> [keep a hash-chosen part: ``pipeline.splits``] ->
+cache the decoded uint8 images in memory when they fit -> shuffle (the whole
+split when cached, every epoch) -> batch (dropping the remainder) -> two
+views per image, vectorised per batch -> normalise with the manifest's mean
+and std -> prefetch.
 
 Each batch gets its own stateless seed from ``tf.data.Dataset.random`` seeded
 by ``seed`` and the input pipeline id and re-randomised every epoch, so every
@@ -15,15 +17,10 @@ replica and every epoch draws different augmentations from one seed.
 import numpy as np
 import tensorflow as tf
 
-from pipeline import augment
+from pipeline import augment, splits
 from pipeline.prepared_dataset import read_split
 
 CACHE_LIMIT_BYTES = 4 * 2 ** 30
-
-
-def dataset_bytes(manifest, split):
-    height, width, channels = manifest["image_shape"]
-    return manifest["splits"][split]["num_examples"] * height * width * channels
 
 
 def channel_statistics(manifest):
@@ -44,17 +41,35 @@ def normalizer(manifest):
     return lambda images: (images - mean) / std
 
 
-def _images(manifest, split, *, input_context=None, cache=True, limit=None):
-    count = manifest["splits"][split]["num_examples"]
-    # The manifest knows the size: tell tf.data, so Keras shows complete progress bars.
-    dataset = read_split(manifest, split).apply(tf.data.experimental.assert_cardinality(count))
-    if limit:
-        dataset = dataset.take(limit)
+def _images(manifest, selection, *, input_context=None, cache=True, shuffle_files_seed=None):
+    """``(image, label)`` of a split or ``Selection``, and how many one input pipeline gets."""
+    selection = splits.as_selection(selection)
+    low, high, count = selection.bounds(manifest)
+    dataset = read_split(manifest, selection.split, with_ids=low is not None,
+                         shuffle_files_seed=shuffle_files_seed)
+    if low is not None:
+        def in_part(image, label, example_id):
+            hashed = splits.selection_hash(example_id)
+            return tf.logical_and(hashed > low, hashed <= high)
+
+        dataset = dataset.filter(in_part).map(lambda image, label, example_id: (image, label))
+    # The count is known: tell tf.data, so Keras shows complete progress bars.
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(count))
     if input_context and input_context.num_input_pipelines > 1:
+        # By element: every pipeline reads the files in the same order (same seed).
         dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    if cache and dataset_bytes(manifest, split) <= CACHE_LIMIT_BYTES:
+        count = -(-count // input_context.num_input_pipelines)
+    height, width, channels = manifest["image_shape"]
+    cached = cache and count * height * width * channels <= CACHE_LIMIT_BYTES
+    if cached:
         dataset = dataset.cache()
-    return dataset
+    return dataset, count, cached
+
+
+def shuffle_buffer_size(requested, examples, cached):
+    """A cached split is shuffled whole every epoch, as the reference's sampler does:
+    a smaller buffer over a stream in storage order cannot mix it."""
+    return max(requested, examples) if cached else requested
 
 
 def _batch_seeds(seed, input_context):
@@ -64,8 +79,8 @@ def _batch_seeds(seed, input_context):
 
 
 def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_context=None,
-                     strong_key=False, blur=False, crop_scale=(0.2, 1.0), flip=True,
-                     shuffle_buffer=10_000, cache=True, limit=None):
+                     strong_key=False, blur=True, crop_scale=(0.2, 1.0), flip=True,
+                     shuffle_buffer=10_000, cache=True):
     """Two-view batches for ``ASCLModel.fit``.
 
     Args:
@@ -73,16 +88,22 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
       batch_size: the *global* batch size; each input pipeline batches
         ``input_context.get_per_replica_batch_size(batch_size)``.
       seed: base seed of shuffling and augmentation.
-      split: which split to train on.
+      split: which split to train on: a name, or a ``splits.Selection`` (a
+        split without its validation hold-out, a limited sample).
       input_context: a ``tf.distribute.InputContext`` under
         ``distribute_datasets_from_function``.
       strong_key: give the key the strong view too (the paper's ablation).
       blur: add Gaussian blur to the strong view.
       crop_scale: area range of the random resized crops.
       flip: random horizontal flips in both views.
-      shuffle_buffer: examples in the shuffle buffer.
+      shuffle_buffer: examples in the shuffle buffer when the split is not
+        cached; a cached split is shuffled whole every epoch.
       cache: keep decoded images in memory when they fit (4 GiB).
-      limit: use only the first ``limit`` examples (quick runs, benchmarks).
+
+    The order: the shard files are reshuffled every epoch (one seed for every
+    input pipeline, so element-wise sharding stays a partition), and the
+    examples are shuffled with a buffer of the whole split (per input
+    pipeline) when it is cached, reshuffled every epoch.
     """
     per_replica = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
     size = manifest["image_shape"][0]
@@ -102,11 +123,13 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
             weak = augment.weak_view(images, weak_seed, size=size, scale=crop_scale, flip=flip)
         return {"strong_view": normalize(strong), "weak_view": normalize(weak), "label": labels}
 
-    images = _images(manifest, split, input_context=input_context, cache=cache, limit=limit)
+    images, count, cached = _images(manifest, split, input_context=input_context, cache=cache,
+                                    shuffle_files_seed=seed)
     # Keras keeps one iterator across epochs when steps_per_epoch is set, so the
     # data repeats; each pass is reshuffled and has exactly N // batch batches.
     batches = (images
-               .shuffle(shuffle_buffer, seed=seed * 1009 + pipeline_id, reshuffle_each_iteration=True)
+               .shuffle(shuffle_buffer_size(shuffle_buffer, count, cached),
+                        seed=seed * 1009 + pipeline_id, reshuffle_each_iteration=True)
                .batch(per_replica, drop_remainder=True)
                .repeat())
     return (tf.data.Dataset.zip(batches, _batch_seeds(seed, input_context))
@@ -114,10 +137,12 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
             .prefetch(tf.data.AUTOTUNE))
 
 
-def eval_dataset(manifest, split, *, batch_size, cache=True, limit=None):
-    """Centre views (the stored image, normalised) and labels, in a fixed order."""
+def eval_dataset(manifest, split, *, batch_size, cache=True):
+    """Centre views (the stored image, normalised) and labels of a split or
+    ``Selection``, in a fixed order."""
     normalize = normalizer(manifest)
-    return (_images(manifest, split, cache=cache, limit=limit)
+    images, _, _ = _images(manifest, split, cache=cache)
+    return (images
             .batch(batch_size)
             .map(lambda images, labels: (normalize(tf.cast(images, tf.float32) / 255.0), labels),
                  num_parallel_calls=tf.data.AUTOTUNE)
@@ -125,18 +150,21 @@ def eval_dataset(manifest, split, *, batch_size, cache=True, limit=None):
 
 
 def probe_train_dataset(manifest, split, *, batch_size, seed=0, cache=True, shuffle_buffer=10_000,
-                        limit=None):
-    """Linear-probe training input: padded random crop + flip, shuffled, normalised."""
+                        crop_scale=(0.08, 1.0)):
+    """Linear-probe training input as in the reference: ``RandomResizedCrop(crop_scale)`` +
+    flip on the fly, reshuffled every epoch (whole split when cached), normalised."""
     normalize = normalizer(manifest)
-    padding = max(1, manifest["image_shape"][0] // 8)
+    size = manifest["image_shape"][0]
 
     def view(batch, batch_seed):
         images, labels = batch
         images = tf.cast(images, tf.float32) / 255.0
-        return normalize(augment.padded_crop_and_flip(images, batch_seed, padding=padding)), labels
+        return normalize(augment.weak_view(images, batch_seed, size=size, scale=crop_scale)), labels
 
-    batches = (_images(manifest, split, cache=cache, limit=limit)
-               .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    images, count, cached = _images(manifest, split, cache=cache, shuffle_files_seed=seed)
+    batches = (images
+               .shuffle(shuffle_buffer_size(shuffle_buffer, count, cached), seed=seed,
+                        reshuffle_each_iteration=True)
                .batch(batch_size))
     return (tf.data.Dataset.zip(batches, _batch_seeds(seed, None))
             .map(view, num_parallel_calls=tf.data.AUTOTUNE)

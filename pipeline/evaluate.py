@@ -15,12 +15,17 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data
+from pipeline.run_dir import checkpoint_info, load_trained_model
 
 
-def embed(encoder, dataset):
-    """``(features [N, F] L2-normalised float32, labels [N] int64)`` of ``(images, labels)`` batches."""
-    compute = tf.function(lambda x: tf.math.l2_normalize(
-        tf.cast(encoder(x, training=False), tf.float32), axis=1))
+def embed(encoder, dataset, *, normalize=True):
+    """``(features [N, F] float32, labels [N] int64)`` of ``(images, labels)`` batches,
+    L2-normalised unless ``normalize`` is false (the linear probe takes them as they are)."""
+    def features_of(images):
+        features = tf.cast(encoder(images, training=False), tf.float32)
+        return tf.math.l2_normalize(features, axis=1) if normalize else features
+
+    compute = tf.function(features_of)
     features, labels = [], []
     for images, batch_labels in dataset:
         features.append(compute(images).numpy())
@@ -66,56 +71,68 @@ def knn_accuracy(train, test, *, k, temperature, num_classes):
     return topk_accuracy(scores, test[1])
 
 
-def encoder_knn(backbone, manifest, *, train_split, eval_split, k, temperature, batch_size,
-                limit=None):
-    """kNN accuracy of ``backbone`` features (centre views) on ``eval_split``."""
-    train = embed(backbone, data.eval_dataset(manifest, train_split, batch_size=batch_size,
-                                              limit=limit))
-    test = embed(backbone, data.eval_dataset(manifest, eval_split, batch_size=batch_size,
-                                             limit=limit))
+def encoder_knn(backbone, manifest, *, train_split, eval_split, k, temperature, batch_size):
+    """kNN accuracy of ``backbone`` features (centre views) on ``eval_split``, with
+    ``train_split`` as the labelled bank (split names or ``splits.Selection``s)."""
+    train = embed(backbone, data.eval_dataset(manifest, train_split, batch_size=batch_size))
+    test = embed(backbone, data.eval_dataset(manifest, eval_split, batch_size=batch_size))
     return knn_accuracy(train, test, k=k, temperature=temperature,
                         num_classes=len(manifest["class_names"]))
 
 
-def raw_pixel_knn(manifest, *, train_split, eval_split, k, temperature, batch_size, limit=None):
+def raw_pixel_knn(manifest, *, train_split, eval_split, k, temperature, batch_size):
     """The same kNN on flattened normalised pixels: the baseline to beat."""
     return encoder_knn(flatten_pixels, manifest, train_split=train_split, eval_split=eval_split,
-                       k=k, temperature=temperature, batch_size=batch_size, limit=limit)
+                       k=k, temperature=temperature, batch_size=batch_size)
+
+
+def probe_milestone_epochs(epochs, milestones):
+    """Epochs at which the probe's learning rate drops tenfold: ``milestones`` are fractions
+    of ``epochs`` (the reference drops at 60% and 80% of its 100 epochs)."""
+    return sorted({max(1, int(round(fraction * epochs))) for fraction in milestones})
 
 
 def linear_probe(backbone, manifest, *, train_split, eval_split, epochs, lr, milestones,
-                 batch_size, augment=True, seed=0, limit=None, verbose=0):
-    """Top-1/top-5 of a Dense classifier trained with SGD on the frozen backbone's features.
+                 batch_size, augment=True, seed=0, reference_batch_size=256, verbose=0):
+    """Top-1/top-5 of a linear classifier trained on the frozen backbone's features,
+    after the last epoch (never the best epoch on ``eval_split``).
 
-    With ``augment`` the classifier sees padded-crop + flip views through the
-    frozen backbone every epoch (the reference protocol); without it, features
-    of the centre views are computed once (much faster on a CPU).
-    Learning rate ``lr``, divided by 10 at each epoch in ``milestones``.
+    As the reference: features as the backbone gives them (no normalisation), a
+    Dense layer initialised N(0, 0.01) with zero bias, SGD with Nesterov momentum
+    0.9 and no weight decay, learning rate ``lr`` at ``reference_batch_size``
+    (scaled linearly with ``batch_size``) divided by 10 at each fraction of
+    ``epochs`` in ``milestones``.  With ``augment`` the classifier sees
+    ``RandomResizedCrop(0.08-1)`` + flip views through the frozen backbone every
+    epoch (the reference protocol); without it, features of the centre views
+    are computed once (much faster on a CPU) and the report says so.
     """
     num_classes = len(manifest["class_names"])
-    steps = max(1, manifest["splits"][train_split]["num_examples"] // batch_size)
+    steps = -(-data.splits.as_selection(train_split).count(manifest) // batch_size)  # batches
+    base_lr = lr * batch_size / reference_batch_size
+    drops = probe_milestone_epochs(epochs, milestones)
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
-        [m * steps for m in milestones], [lr * 0.1 ** i for i in range(len(milestones) + 1)])
-    classifier = keras.layers.Dense(num_classes, name="linear_probe")
+        [epoch * steps for epoch in drops], [base_lr * 0.1 ** i for i in range(len(drops) + 1)])
+    classifier = keras.layers.Dense(
+        num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01, seed=seed),
+        bias_initializer="zeros", name="linear_probe")
     backbone.trainable = False
     try:
         if augment:
             inputs = keras.Input(backbone.input_shape[1:])
-            features = keras.layers.UnitNormalization()(backbone(inputs, training=False))
-            model = keras.Model(inputs, classifier(features))
+            model = keras.Model(inputs, classifier(backbone(inputs, training=False)))
             train = data.probe_train_dataset(manifest, train_split, batch_size=batch_size,
-                                             seed=seed, limit=limit)
-            test = data.eval_dataset(manifest, eval_split, batch_size=batch_size, limit=limit)
+                                             seed=seed)
+            test = data.eval_dataset(manifest, eval_split, batch_size=batch_size)
         else:
             train_features, train_labels = embed(backbone, data.eval_dataset(
-                manifest, train_split, batch_size=batch_size, limit=limit))
+                manifest, train_split, batch_size=batch_size), normalize=False)
             test_features, test_labels = embed(backbone, data.eval_dataset(
-                manifest, eval_split, batch_size=batch_size, limit=limit))
+                manifest, eval_split, batch_size=batch_size), normalize=False)
             model = keras.Sequential([keras.Input((train_features.shape[1],)), classifier])
             train = tf.data.Dataset.from_tensor_slices((train_features, train_labels)).shuffle(
                 len(train_labels), seed=seed).batch(batch_size)
             test = tf.data.Dataset.from_tensor_slices((test_features, test_labels)).batch(batch_size)
-        model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=0.9),
+        model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=[keras.metrics.SparseTopKCategoricalAccuracy(1, name="top1"),
                                keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")])
@@ -124,16 +141,21 @@ def linear_probe(backbone, manifest, *, train_split, eval_split, epochs, lr, mil
         result = model.evaluate(test, verbose=0, return_dict=True)
     finally:
         backbone.trainable = True
-    return {"top1": float(result["top1"]), "top5": float(result["top5"]), "epochs": epochs}
+    return {"top1": float(result["top1"]), "top5": float(result["top5"]), "epochs": epochs,
+            "lr": base_lr, "milestone_epochs": drops, "batch_size": batch_size,
+            "inputs": ("RandomResizedCrop(0.08-1) + flip views through the frozen backbone, "
+                       "every epoch" if augment else
+                       "features of the centre views, computed once (no augmentation)")}
 
 
 def write_projector(backbone, manifest, split, log_dir, *, samples, batch_size):
-    """Embeddings of the first ``samples`` images of ``split`` for TensorBoard's projector."""
+    """Embeddings of ``samples`` images of ``split`` (a fixed, class-mixed sample) for
+    TensorBoard's projector."""
     from tensorboard.plugins import projector
 
     os.makedirs(log_dir, exist_ok=True)
-    features, labels = embed(backbone, data.eval_dataset(manifest, split, batch_size=batch_size,
-                                                         limit=samples))
+    features, labels = embed(backbone, data.eval_dataset(
+        manifest, data.splits.Selection(split, limit=samples), batch_size=batch_size))
     names = manifest["class_names"]
     with open(os.path.join(log_dir, "metadata.tsv"), "w") as handle:
         handle.write("label\tclass\n")
@@ -154,22 +176,26 @@ def write_report(report, path):
         json.dump(report, handle, indent=2)
 
 
-def evaluate_run(run_dir, *, checkpoint="best", output=None, linear=True, verbose=0):
+def evaluate_run(run_dir, *, checkpoint="last", output=None, linear=True, verbose=0):
     """kNN, linear probe and raw-pixel baseline for a trained run; writes the JSON report.
 
-    Also writes a sample of test embeddings for TensorBoard's projector under
-    ``RUN/tensorboard/projector``.  Returns the report.
+    ``checkpoint`` is ``last`` (the default: the final weights, as the reference
+    reports), ``best`` (chosen by kNN on the validation hold-out, never on the
+    test split) or a weights path; the report records which one and what chose
+    it.  kNN uses the whole training split as its bank and the linear probe
+    trains on it.  Also writes a sample of test embeddings for TensorBoard's
+    projector under ``RUN/tensorboard/projector``.  Returns the report.
     """
-    from pipeline.train import load_trained_model, resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(run_dir, checkpoint)
     model, config, manifest = load_trained_model(run_dir, checkpoint)
     e, d = config.evaluation, config.data
-    splits = dict(train_split=d.train_split, eval_split=d.eval_split)
-    limit = d.eval_limit or None
-    knn = dict(k=e.knn_k, temperature=e.knn_temperature, batch_size=e.batch_size, limit=limit)
+    limit = d.eval_limit
+    splits = dict(train_split=data.splits.Selection(d.train_split, limit=limit),
+                  eval_split=data.splits.Selection(d.eval_split, limit=limit))
+    knn = dict(k=e.knn_k, temperature=e.knn_temperature, batch_size=e.batch_size)
     report = {
-        "run_dir": run_dir, "checkpoint": checkpoint, "dataset": d.dataset, **splits,
+        "run_dir": run_dir, "checkpoint": checkpoint_info(run_dir, checkpoint),
+        "dataset": d.dataset, "train_split": splits["train_split"].description,
+        "eval_split": splits["eval_split"].description,
         "knn": {**encoder_knn(model.backbone, manifest, **splits, **knn),
                 "k": e.knn_k, "temperature": e.knn_temperature},
         "raw_pixel_knn": {**raw_pixel_knn(manifest, **splits, **knn),
@@ -179,7 +205,7 @@ def evaluate_run(run_dir, *, checkpoint="best", output=None, linear=True, verbos
         report["linear_probe"] = linear_probe(
             model.backbone, manifest, **splits, epochs=e.linear_epochs, lr=e.linear_lr,
             milestones=e.linear_milestones, batch_size=e.linear_batch_size,
-            augment=e.linear_augment, seed=config.train.seed, limit=limit, verbose=verbose)
+            augment=e.linear_augment, seed=config.train.seed, verbose=verbose)
     if e.projector_samples:
         report["projector"] = {
             "log_dir": os.path.join(run_dir, "tensorboard", "projector"),

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.data import channel_statistics
-from pipeline.train import load_trained_model, resolve_checkpoint
+from pipeline.run_dir import checkpoint_info, load_trained_model
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 INFO_FILE = os.path.join("assets.extra", "ascl_export.json")
@@ -157,11 +157,10 @@ def write_export(backbone, projector, manifest, final, *, provenance=None):
     return final
 
 
-def export_run(run_dir, *, name, checkpoint="best", version=None, base_dir="saved_models"):
+def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="saved_models"):
     """Exports a run's encoder to ``base_dir/name/version``; returns that path."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
         raise ValueError(f"--name must be letters, digits, '.', '_' or '-', received {name!r}")
-    checkpoint = resolve_checkpoint(run_dir, checkpoint)
     model, _, manifest = load_trained_model(run_dir, checkpoint)
     model_dir = os.path.join(base_dir, name)
     version = version or _next_version(model_dir)
@@ -172,6 +171,7 @@ def export_run(run_dir, *, name, checkpoint="best", version=None, base_dir="save
         raise FileExistsError(f"{final} already exists; versions are never overwritten "
                               f"(omit --version to take the next one)")
     write_export(model.backbone, model.projector, manifest, final,
-                 provenance={"run_dir": os.path.abspath(run_dir), "checkpoint": checkpoint})
+                 provenance={"run_dir": os.path.abspath(run_dir),
+                             "checkpoint": checkpoint_info(run_dir, checkpoint)})
     write_models_config(base_dir)
     return final

@@ -2,8 +2,9 @@
 
 ``load_manifest`` refuses anything that is not a finished, intact dataset
 (no manifest, unknown format, a listed shard missing or of the wrong size);
-``read_split`` yields ``(image uint8 [H, W, 3], label int64)`` through
-``tf.data`` with a parallel interleave over the shards.  Paths may be local or
+``read_split`` yields ``(image uint8 [H, W, 3], label int64)`` (and the
+example's id on request) through ``tf.data`` with a parallel interleave over
+the shards, optionally in a file order reshuffled on every pass.  Paths may be local or
 any filesystem TensorFlow reads (``gs://``, ...).
 """
 
@@ -17,6 +18,7 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 _FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.int64),
+    "id": tf.io.FixedLenFeature([], tf.string),
 }
 
 
@@ -78,25 +80,37 @@ def split_files(manifest, split):
             for shard in manifest["splits"][split]["shards"] if shard["num_examples"] > 0]
 
 
-def decode_example(serialized, image_shape):
-    """``(image uint8 [H, W, 3], label int64)`` from one serialised Example."""
+def decode_example(serialized, image_shape, *, with_id=False):
+    """``(image uint8 [H, W, 3], label int64[, id string])`` from one serialised Example."""
     features = tf.io.parse_single_example(serialized, _FEATURES)
     image = tf.io.decode_png(features["image/encoded"], channels=3)
     image = tf.ensure_shape(image, image_shape)
+    if with_id:
+        return image, features["label"], features["id"]
     return image, features["label"]
 
 
-def read_split(manifest_or_directory, split, *, deterministic=True):
-    """A ``tf.data.Dataset`` of ``(image, label)`` for one split of a prepared dataset."""
+def read_split(manifest_or_directory, split, *, deterministic=True, with_ids=False,
+               shuffle_files_seed=None):
+    """A ``tf.data.Dataset`` of ``(image, label[, id])`` for one split of a prepared dataset.
+
+    With ``shuffle_files_seed`` the order of the shard files is reshuffled on
+    every pass over the dataset (every epoch under ``repeat``), from that seed:
+    two readers given the same seed read the files in the same order, which
+    element-wise sharding across input pipelines relies on.
+    """
     manifest = manifest_or_directory
     if not isinstance(manifest, dict):
         manifest = load_manifest(manifest_or_directory)
     elif "directory" not in manifest:
         raise DatasetError("read_split needs the manifest returned by load_manifest(directory)")
-    files = split_files(manifest, split)
+    paths = split_files(manifest, split)
     image_shape = list(manifest["image_shape"])
-    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string)).interleave(
-        tf.data.TFRecordDataset, cycle_length=max(1, min(len(files), 8)),
+    files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
+    if shuffle_files_seed is not None:
+        files = files.shuffle(len(paths), seed=shuffle_files_seed, reshuffle_each_iteration=True)
+    dataset = files.interleave(
+        tf.data.TFRecordDataset, cycle_length=max(1, min(len(paths), 8)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    return dataset.map(lambda record: decode_example(record, image_shape),
+    return dataset.map(lambda record: decode_example(record, image_shape, with_id=with_ids),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)

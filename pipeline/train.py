@@ -5,6 +5,7 @@ A run directory holds everything a run makes::
     RUN/config.yaml           the resolved configuration
     RUN/checkpoints/          epoch_NNNN.weights.h5 every train.checkpoint_every epochs,
                               last.weights.h5, best.weights.h5 (+ best.json) by kNN top-1
+                              on the validation hold-out (never on the test split)
     RUN/backup/               BackupAndRestore state: rerunning the same command resumes here
     RUN/tensorboard/          scalars (every metric, learning rate, kNN), augmented views
     RUN/history.json          one record per epoch, continuous across resumes
@@ -20,11 +21,11 @@ import keras
 import tensorflow as tf
 import yaml
 
-from models import ASCLModel, build_backbone, projection_head
 from pipeline import callbacks as run_callbacks
-from pipeline import data
+from pipeline import data, splits
 from pipeline.config import ConfigError, dump_config
 from pipeline.prepared_dataset import load_manifest
+from pipeline.run_dir import build_model
 
 # Sections a resumed run must share with the run it continues.
 _EXPERIMENT_SECTIONS = ("data", "model", "ascl")
@@ -49,20 +50,6 @@ def resolve_strategy(name):
                       f"received {name!r}")
 
 
-def build_model(config, manifest):
-    """The ``ASCLModel`` a config describes, for the dataset's image shape (in the current scope)."""
-    m, a = config.model, config.ascl
-    backbone = build_backbone(m.backbone, input_shape=tuple(manifest["image_shape"]), stem=m.stem,
-                              norm=m.norm, bn_splits=m.bn_splits, widths=m.cnn_widths)
-    projector = projection_head(backbone.feature_dim, hidden_dims=tuple(m.projector_hidden),
-                                output_dim=m.projector_dim, norm=m.projector_norm,
-                                bn_splits=m.bn_splits)
-    return ASCLModel(backbone, projector, memory_size=a.memory_size, momentum=a.momentum,
-                     t1=a.t1, t2=a.t2, num_neighbors=a.num_neighbors, mode=a.mode,
-                     shuffle_keys=a.shuffle_keys, seed=config.train.seed,
-                     weight_decay=config.optimizer.weight_decay)
-
-
 def learning_rate(config, steps_per_epoch):
     """Linear warm-up to the (batch-scaled) base LR, then cosine decay to 0 at the last step."""
     o = config.optimizer
@@ -75,23 +62,37 @@ def learning_rate(config, steps_per_epoch):
     return keras.optimizers.schedules.CosineDecay(base, decay_steps=total)
 
 
+def training_selections(config, manifest):
+    """``(train, validation)`` ``Selection``s: what pre-training reads and the hold-out
+    that chooses ``best`` (None when ``data.validation_size`` is 0)."""
+    d = config.data
+    try:
+        holdout = splits.holdout_count(d.validation_size,
+                                       manifest["splits"][d.train_split]["num_examples"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    train = splits.Selection(d.train_split, holdout=holdout, part="rest", limit=d.train_limit)
+    validation = (splits.Selection(d.train_split, holdout=holdout, part="holdout",
+                                   limit=d.eval_limit) if holdout else None)
+    return train, validation
+
+
 def _check_dataset(config, manifest):
     for key, split in (("data.train_split", config.data.train_split),
                        ("data.eval_split", config.data.eval_split)):
         if split not in manifest["splits"]:
             raise ConfigError(f"{key} is {split!r} but the dataset at {config.data.dataset} has "
                               f"splits {sorted(manifest['splits'])}")
-    available = manifest["splits"][config.data.train_split]["num_examples"]
-    if config.data.train_limit:
-        available = min(available, config.data.train_limit)
+    train_selection, validation = training_selections(config, manifest)
+    available = train_selection.count(manifest)
     steps = available // config.optimizer.batch_size
     if steps < 1:
         raise ConfigError(f"optimizer.batch_size {config.optimizer.batch_size} is larger than the "
-                          f"{available} training images")
+                          f"{available} training images ({train_selection.description})")
     if config.model.norm == "split" and config.optimizer.batch_size % config.model.bn_splits:
         raise ConfigError(f"model.bn_splits ({config.model.bn_splits}) must divide "
                           f"optimizer.batch_size ({config.optimizer.batch_size})")
-    return steps
+    return steps, train_selection, validation
 
 
 def _check_resume(config, run_dir):
@@ -117,7 +118,7 @@ def _jit(setting):
 def train(config, run_dir, *, strategy=None, extra_callbacks=()):
     """Pre-trains (or resumes) the run in ``run_dir``; returns the summary dict."""
     manifest = load_manifest(config.data.dataset)
-    steps_per_epoch = _check_dataset(config, manifest)
+    steps_per_epoch, train_selection, validation = _check_dataset(config, manifest)
     _check_resume(config, run_dir)
     t = config.train
     strategy = strategy or resolve_strategy(t.strategy)
@@ -130,16 +131,13 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=()):
         os.makedirs(path, exist_ok=True)
     dump_config(config, os.path.join(run_dir, "config.yaml"))
 
-    blur = config.data.blur == "on" or (config.data.blur == "auto" and manifest["image_shape"][0] >= 64)
-
     def dataset_fn(input_context=None):
         return data.pretrain_dataset(
             manifest, batch_size=config.optimizer.batch_size, seed=t.seed,
-            split=config.data.train_split, input_context=input_context,
-            strong_key=config.data.key_view == "strong", blur=blur,
+            split=train_selection, input_context=input_context,
+            strong_key=config.data.key_view == "strong", blur=config.data.blur,
             crop_scale=(config.data.crop_min_scale, 1.0), flip=config.data.flip,
-            shuffle_buffer=config.data.shuffle_buffer,
-            cache=config.data.cache, limit=config.data.train_limit or None)
+            shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache)
 
     if strategy.num_replicas_in_sync > 1:
         dataset = strategy.distribute_datasets_from_function(dataset_fn)
@@ -153,12 +151,14 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=()):
             jit_compile=_jit(t.jit_compile), steps_per_execution=t.steps_per_execution)
 
     nan_guard = run_callbacks.StopOnNaN()
+    limit = config.data.eval_limit
     knn_monitor = run_callbacks.KNNMonitor(
-        manifest, train_split=config.data.train_split, eval_split=config.data.eval_split,
+        manifest, bank=splits.Selection(config.data.train_split, holdout=train_selection.holdout,
+                                        part="rest" if validation else "all", limit=limit),
+        validation=validation, test=splits.Selection(config.data.eval_split, limit=limit),
         every=t.knn_every, epochs=t.epochs, k=config.evaluation.knn_k,
         temperature=config.evaluation.knn_temperature, batch_size=config.evaluation.batch_size,
-        best_path=os.path.join(paths["checkpoints"], "best.weights.h5"),
-        limit=config.data.eval_limit or None)
+        best_path=os.path.join(paths["checkpoints"], "best.weights.h5"))
     callback_list = [
         nan_guard,
         keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=False),
@@ -189,37 +189,13 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=()):
     summary = {
         "run_dir": run_dir, "epochs": t.epochs, "replicas": strategy.num_replicas_in_sync,
         "final": history[-1] if history else None,
-        "best_knn_top1": None if knn_monitor.best == float("-inf") else knn_monitor.best,
+        "trained_on": train_selection.description,
+        "best_val_knn_top1": None if knn_monitor.best == float("-inf") else knn_monitor.best,
         "checkpoints": {"last": os.path.join(paths["checkpoints"], "last.weights.h5"),
-                        "best": os.path.join(paths["checkpoints"], "best.weights.h5")},
+                        **({"best": os.path.join(paths["checkpoints"], "best.weights.h5")}
+                           if os.path.exists(os.path.join(paths["checkpoints"],
+                                                          "best.weights.h5")) else {})},
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary
-
-
-def resolve_checkpoint(run_dir, checkpoint):
-    """``best`` or ``last`` by name (``best`` falls back to ``last`` when the run kept no
-    best: runs without a kNN monitor have none), or any other value as given."""
-    if checkpoint == "best" and not os.path.exists(
-            os.path.join(run_dir, "checkpoints", "best.weights.h5")):
-        return "last"
-    return checkpoint
-
-
-def load_trained_model(run_dir, checkpoint="last"):
-    """``(model, config, manifest)`` of a run, weights from ``best``, ``last`` or a path."""
-    from pipeline.config import load_config
-
-    config = load_config(os.path.join(run_dir, "config.yaml"))
-    manifest = load_manifest(config.data.dataset)
-    path = checkpoint
-    if checkpoint in ("best", "last"):
-        path = os.path.join(run_dir, "checkpoints", f"{checkpoint}.weights.h5")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist (run `ascl train` first, or "
-                                f"pass --checkpoint last|best|PATH)")
-    model = build_model(config, manifest)
-    model.load_weights(path)
-    return model, config, manifest
-

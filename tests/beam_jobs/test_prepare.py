@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from beam_jobs.prepare import run, shard_of
+from beam_jobs.prepare import order_key, run, shard_of
 from beam_jobs.sources import digit_images, hashed_split
 from pipeline.prepared_dataset import DatasetError, decode_example, load_manifest, read_split
 
@@ -140,13 +140,13 @@ def test_reader_yields_every_example_of_a_split(prepared):
                   for image, label in dataset.as_numpy_iterator()) == expected
 
 
-def test_shards_follow_the_id_hash_sorted(prepared):
+def test_shards_follow_the_id_hash_in_keyed_hash_order(prepared):
     output, manifest = prepared
     for shard in manifest["splits"]["train"]["shards"]:
         index = int(shard["file"].split("-")[1])
         ids = [tf.train.Example.FromString(r.numpy()).features.feature["id"].bytes_list.value[0]
                .decode() for r in tf.data.TFRecordDataset(str(output / shard["file"]))]
-        assert ids == sorted(ids) and len(ids) == shard["num_examples"]
+        assert ids == sorted(ids, key=order_key) and len(ids) == shard["num_examples"]
         assert all(shard_of(i, 3) == index for i in ids)
         data = (output / shard["file"]).read_bytes()
         assert shard["size_bytes"] == len(data)

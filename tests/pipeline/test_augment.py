@@ -1,8 +1,13 @@
-"""Two-view augmentations: shapes, ranges, seeds, probabilities."""
+"""Two-view augmentations against the reference's torchvision and PIL behaviour."""
+
+import itertools
+import math
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+from PIL import Image, ImageFilter
 
 from pipeline import augment
 
@@ -11,6 +16,14 @@ SEED = tf.constant([3, 7], tf.int64)
 
 def _images(n=64, size=16, seed=0):
     return tf.constant(np.random.default_rng(seed).random((n, size, size, 3)), tf.float32)
+
+
+def _natural_image(size=48, seed=0):
+    """Smooth shapes plus fine texture, uint8: what photographs look like to a blur."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((size, size), Image.BICUBIC), np.float64)
+    return np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
 
 
 @pytest.mark.parametrize("view", [augment.weak_view, augment.strong_view])
@@ -24,8 +37,77 @@ def test_views_are_seeded_batched_and_in_range(view):
     assert not np.allclose(a, c)
     assert a.min() >= -1e-6 and a.max() <= 1 + 1e-6
     # images within a batch get different crops
-    assert not np.allclose(view(tf.tile(images[:1], [4, 1, 1, 1]), SEED, size=12)[0],
-                           view(tf.tile(images[:1], [4, 1, 1, 1]), SEED, size=12)[1])
+    tiled = view(tf.tile(images[:1], [4, 1, 1, 1]), SEED, size=12).numpy()
+    assert not np.allclose(tiled[0], tiled[1])
+
+
+# -- random resized crop: torchvision's RandomResizedCrop.get_params ---------------------
+
+def _torchvision_crop_params(rng, height, width, scale, ratio):
+    """torchvision.transforms.RandomResizedCrop.get_params, in NumPy."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _ks_statistic(a, b):
+    values = np.sort(np.concatenate([a, b]))
+    cdf_a = np.searchsorted(np.sort(a), values, side="right") / len(a)
+    cdf_b = np.searchsorted(np.sort(b), values, side="right") / len(b)
+    return np.abs(cdf_a - cdf_b).max()
+
+
+@pytest.mark.parametrize("scale, shape", [((0.2, 1.0), (32, 32)), ((0.08, 1.0), (24, 40))])
+def test_crop_windows_are_distributed_as_torchvision_draws_them(scale, shape):
+    count = 20000
+    height, width = shape
+    top, left, h, w = (t.numpy().astype(np.float64) for t in augment.resized_crop_windows(
+        SEED, count, height, width, scale=scale))
+    assert np.all((h >= 1) & (w >= 1) & (top >= 0) & (left >= 0))
+    assert np.all((top + h <= height) & (left + w <= width))
+    assert np.all(h == np.round(h)) and np.all(w == np.round(w))
+    rng = np.random.default_rng(0)
+    ref = np.array([_torchvision_crop_params(rng, height, width, scale, (3 / 4, 4 / 3))
+                    for _ in range(count)], np.float64)
+    # two-sample Kolmogorov-Smirnov; 0.02 is the 0.1% critical value for 20,000 each
+    for ours, theirs in ((h * w, ref[:, 2] * ref[:, 3]), (w / h, ref[:, 3] / ref[:, 2]),
+                         (top, ref[:, 0]), (left, ref[:, 1])):
+        assert _ks_statistic(ours, theirs) < 0.02
+
+
+def test_crop_falls_back_to_the_centred_window_as_torchvision():
+    # ratio 2-3 on a square image at full area: every try is too wide, so the fallback runs
+    top, left, h, w = (t.numpy() for t in augment.resized_crop_windows(
+        SEED, 5, 32, 32, scale=(1.0, 1.0), ratio=(2.0, 3.0)))
+    np.testing.assert_array_equal(np.stack([top, left, h, w], 1), [[8, 0, 16, 32]] * 5)
+
+
+def test_crop_resize_matches_pil_bilinear():
+    image = _natural_image(32)
+    window = (4.0, 6.0, 16.0, 20.0)  # top, left, height, width: inside the image
+    ours = augment.crop_and_resize_windows(
+        tf.constant(image[None] / 255.0, tf.float32), [tf.constant([v]) for v in window], 32)
+    top, left, height, width = map(int, window)
+    pil = Image.fromarray(image).crop((left, top, left + width, top + height)).resize(
+        (32, 32), Image.BILINEAR)
+    difference = np.abs(ours.numpy()[0] * 255 - np.asarray(pil, np.float64))
+    # PIL resizes the cut-out crop, so at the crop's outer rows it extends the crop's edge
+    # where crop_and_resize reads the real neighbour pixel: compare inside that ring.
+    assert difference[1:-1, 1:-1].max() <= 1.01  # PIL rounds to whole grey levels
 
 
 def test_full_scale_crop_of_a_square_image_is_the_image():
@@ -33,6 +115,8 @@ def test_full_scale_crop_of_a_square_image_is_the_image():
     out = augment.random_resized_crop(images, SEED, size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0))
     np.testing.assert_allclose(out.numpy(), images.numpy(), atol=1e-5)
 
+
+# -- flips, grayscale -------------------------------------------------------------------
 
 def test_flip_mirrors_about_half_the_images():
     images = _images(400)
@@ -42,39 +126,112 @@ def test_flip_mirrors_about_half_the_images():
     assert np.all(flipped | kept) and 150 < flipped.sum() < 250
 
 
-def test_grayscale_probability_and_result():
+def test_grayscale_probability_and_torchvision_weights():
     images = _images(500)
     out = augment.random_grayscale(images, SEED, p=0.2).numpy()
     gray = np.all(np.isclose(out[..., 0], out[..., 1]) & np.isclose(out[..., 1], out[..., 2]),
                   axis=(1, 2))
     assert 60 < gray.sum() < 140
-    luma = images.numpy() @ np.array([0.299, 0.587, 0.114])
-    np.testing.assert_allclose(out[gray][..., 0], luma[gray], atol=1e-5)
+    luma = images.numpy() @ np.array([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale
+    np.testing.assert_allclose(out[gray][..., 0], luma[gray], atol=1e-6)
 
 
-def test_color_jitter_probability_and_identity_at_zero_strength():
-    images = _images(500)
-    out = augment.color_jitter(images, SEED, p=0.8).numpy()
-    changed = ~np.all(np.isclose(out, images.numpy(), atol=1e-4), axis=(1, 2, 3))
-    assert 340 < changed.sum() < 460
+# -- colour jitter: torchvision's ColorJitter, operations in a random order ------------------
+
+def _np_gray(image):
+    return image @ np.array([0.2989, 0.587, 0.114])
+
+
+_NP_OPS = (
+    lambda x, f: np.clip(x * f, 0, 1),
+    lambda x, f: np.clip((x - _np_gray(x).mean()) * f + _np_gray(x).mean(), 0, 1),
+    lambda x, f: np.clip((x - _np_gray(x)[..., None]) * f + _np_gray(x)[..., None], 0, 1),
+    lambda x, f: hsv_to_rgb(np.concatenate(
+        [np.mod(rgb_to_hsv(x)[..., :1] + f, 1.0), rgb_to_hsv(x)[..., 1:]], axis=-1)),
+)
+
+
+def test_jitter_applies_torchvision_operations_in_each_images_order():
+    orders = np.array(list(itertools.permutations(range(4))))  # all 24 orders
+    images = _images(len(orders), size=8, seed=1)
+    rng = np.random.default_rng(2)
+    factors = np.stack([rng.uniform(0.6, 1.4, 24), rng.uniform(0.6, 1.4, 24),
+                        rng.uniform(0.6, 1.4, 24), rng.uniform(-0.1, 0.1, 24)], 1)
+    ours = augment.jitter_colors(images, tf.constant(factors, tf.float32),
+                                 tf.constant(orders)).numpy()
+    for index, (image, order) in enumerate(zip(images.numpy().astype(np.float64), orders)):
+        expected = image
+        for op in order:
+            expected = _NP_OPS[op](expected, factors[index, op])
+        np.testing.assert_allclose(ours[index], expected, atol=2e-5)
+    # the order matters: the same factors in the reverse order give another image
+    reverse = augment.jitter_colors(images, tf.constant(factors, tf.float32),
+                                    tf.constant(orders[:, ::-1].copy())).numpy()
+    assert np.abs(reverse - ours).max() > 0.01
+
+
+def test_jitter_draws_every_order_equally_often_and_applies_with_p():
+    batch = 4800
+    factors, order, applied = augment.draw_color_jitter(SEED, batch)
+    order = order.numpy()
+    assert np.all(np.sort(order, axis=1) == np.arange(4))
+    counts = np.unique(order @ (4 ** np.arange(4)), return_counts=True)[1]
+    assert len(counts) == 24
+    expected = batch / 24
+    assert np.sum((counts - expected) ** 2 / expected) < 60  # chi-square, 23 dof: p < 1e-4
+    assert 0.77 < applied.numpy().mean() < 0.83
+    factors = factors.numpy()
+    assert factors[:, :3].min() >= 0.6 and factors[:, :3].max() <= 1.4
+    assert np.abs(factors[:, 3]).max() <= 0.1
+    images = _images(batch // 40, size=8)
+    out = augment.color_jitter(images, SEED).numpy()
+    small = augment.draw_color_jitter(SEED, batch // 40)
+    expected = np.where(small[2].numpy()[:, None, None, None],
+                        augment.jitter_colors(images, small[0], small[1]).numpy(), images.numpy())
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_color_jitter_identity_at_zero_strength():
+    images = _images(50)
     same = augment.color_jitter(images, SEED, brightness=0, contrast=0, saturation=0, hue=0, p=1.0)
     np.testing.assert_allclose(same.numpy(), images.numpy(), atol=1e-4)
 
 
-def test_gaussian_blur_preserves_constants_and_smooths_noise():
+# -- Gaussian blur: PIL's ImageFilter.GaussianBlur(radius=sigma) -----------------------------
+
+def test_blur_kernel_is_not_truncated():
+    assert augment.blur_radius(2.0) >= 6 and augment.blur_radius(0.5) >= 2
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 1.5, 2.0])
+def test_blur_matches_pil_gaussian_blur(sigma):
+    radius = augment.blur_radius(2.0)
+    for seed in range(2):
+        image = _natural_image(48, seed)
+        pil = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=sigma)),
+                         np.float64)
+        ours = augment.blur_with_sigmas(tf.constant(image[None] / 255.0, tf.float32),
+                                        tf.constant([sigma]), radius).numpy()[0] * 255
+        inner = np.s_[radius:-radius, radius:-radius]  # away from the borders
+        difference = np.abs(ours - pil)[inner]
+        assert difference.mean() < 1.0 and difference.max() < 3.0, (sigma, difference.mean(),
+                                                                     difference.max())
+
+
+def test_blur_applies_with_p_and_keeps_constants():
     constant = tf.fill([4, 32, 32, 3], 0.5)
     np.testing.assert_allclose(augment.gaussian_blur(constant, SEED, p=1.0).numpy(), 0.5, atol=1e-5)
-    noise = _images(4, size=32)
-    blurred = augment.gaussian_blur(noise, SEED, sigma=(1.5, 2.0), p=1.0).numpy()
-    assert blurred.shape == noise.shape and blurred.std() < 0.8 * noise.numpy().std()
+    noise = _images(400, size=16)
+    out = augment.gaussian_blur(noise, SEED, sigma=(1.0, 2.0), p=0.5).numpy()
+    blurred = ~np.all(np.isclose(out, noise.numpy()), axis=(1, 2, 3))
+    assert 160 < blurred.sum() < 240
+    assert out[blurred].std() < 0.8 * noise.numpy()[blurred].std()
 
 
-def test_padded_crop_keeps_size_and_content_shift():
-    images = _images(8)
-    out = augment.padded_crop_and_flip(images, SEED, padding=2).numpy()
-    assert out.shape == images.shape
-    for original, cropped in zip(images.numpy(), out):
-        candidates = [np.pad(original, [(2, 2), (2, 2), (0, 0)], mode="reflect")[y:y + 16, x:x + 16]
-                      for y in range(5) for x in range(5)]
-        candidates += [c[:, ::-1] for c in candidates]
-        assert min(np.abs(c - cropped).max() for c in candidates) < 1e-4
+def test_strong_view_blurs_by_default_at_32_px(monkeypatch):
+    calls = []
+    blur = augment.gaussian_blur
+    monkeypatch.setattr(augment, "gaussian_blur",
+                        lambda *args, **kwargs: calls.append(1) or blur(*args, **kwargs))
+    augment.strong_view(_images(4, size=32), SEED, size=32)
+    assert calls

@@ -70,3 +70,116 @@ def test_eval_dataset_is_the_centre_view_in_order(digits16):
         np.array(stats["std"]) / 255)
     np.testing.assert_allclose(images.numpy(), expected, atol=1e-4)
     np.testing.assert_array_equal(labels.numpy(), raw_labels.numpy())
+
+
+# -- data order: class-mixed batches whatever the storage order ---------------------------------
+
+def _largest_share(labels):
+    return np.bincount(labels, minlength=10).max() / len(labels)
+
+
+def _iid_mean_largest_share(labels, batch, trials=2000, seed=0):
+    """Mean largest-class share of a batch drawn by a full random permutation."""
+    rng = np.random.default_rng(seed)
+    return np.mean([_largest_share(rng.permutation(labels)[:batch]) for _ in range(trials)])
+
+
+def _epoch_labels(manifest, epochs, batch_size, **kwargs):
+    steps = manifest["splits"]["train"]["num_examples"] // batch_size
+    iterator = iter(data.pretrain_dataset(manifest, batch_size=batch_size, seed=0, **kwargs))
+    return [np.concatenate([next(iterator)["label"].numpy() for _ in range(steps)])
+            for _ in range(epochs)]
+
+
+def test_prepared_shards_are_class_mixed_in_storage_order(class_foldered):
+    labels = np.array([int(label) for _, label in
+                       read_split(class_foldered, "train").as_numpy_iterator()])
+    windows = labels[: len(labels) // 60 * 60].reshape(-1, 60)
+    assert max(_largest_share(window) for window in windows) < 0.4  # class-sorted: 1.0
+
+
+def test_training_batches_are_class_mixed_even_from_class_sorted_shards(class_sorted):
+    # a buffer far smaller than the split, as a user might configure: the cached split is
+    # still shuffled whole, so batches look like i.i.d. draws
+    epochs = _epoch_labels(class_sorted, 2, 30, shuffle_buffer=20)
+    iid = _iid_mean_largest_share(epochs[0], 30)
+    for labels in epochs:
+        batches = labels.reshape(-1, 30)
+        assert abs(np.mean([_largest_share(b) for b in batches]) - iid) < 0.05
+        assert max(_largest_share(w) for w in labels.reshape(-1, 120)) < 0.25
+
+
+def test_every_epoch_is_a_new_permutation_of_the_whole_split(class_foldered):
+    first, second = _epoch_labels(class_foldered, 2, 30)
+    for labels in (first, second):  # 600 images, 20 full batches: each image once per epoch
+        np.testing.assert_array_equal(np.bincount(labels), [60] * 10)
+    assert not np.array_equal(first, second)
+
+
+def test_file_order_is_reshuffled_every_pass_and_shared_by_equal_seeds(class_foldered):
+    def passes(seed):
+        stream = read_split(class_foldered, "train", with_ids=True, shuffle_files_seed=seed)
+        ids = [example_id for _, _, example_id in stream.repeat(8).as_numpy_iterator()]
+        return [tuple(ids[i:i + 600]) for i in range(0, len(ids), 600)]
+
+    first = passes(3)
+    assert len({p[0] for p in first}) == 2  # both shards lead some pass
+    assert all(sorted(p) == sorted(first[0]) for p in first)
+    assert passes(3) == first
+
+
+def _image_bytes(dataset):
+    return [image.tobytes() for image, _ in dataset.as_numpy_iterator()]
+
+
+def test_limit_is_a_fixed_class_mixed_sample(class_sorted):
+    selection = data.splits.Selection("train", limit=100)
+    images, count, _ = data._images(class_sorted, selection)
+    labels = np.array([int(label) for _, label in images.as_numpy_iterator()])
+    assert count == len(labels) == 100
+    counts = np.bincount(labels, minlength=10)
+    assert counts.min() >= 3 and counts.max() <= 20  # the first 100 would be 2 classes
+    again, _, _ = data._images(class_sorted, selection)
+    assert _image_bytes(again) == _image_bytes(images)
+
+
+def test_validation_holdout_and_rest_partition_the_split(class_foldered):
+    holdout = data.splits.holdout_count(0.1, 600)
+    parts = {part: _image_bytes(data._images(class_foldered, data.splits.Selection(
+        "train", holdout=holdout, part=part))[0]) for part in ("holdout", "rest")}
+    assert len(parts["holdout"]) == 60 and len(parts["rest"]) == 540
+    assert not set(parts["holdout"]) & set(parts["rest"])
+    assert set(parts["holdout"]) | set(parts["rest"]) == set(
+        _image_bytes(data._images(class_foldered, "train")[0]))
+    labels = [int(label) for _, label in data._images(class_foldered, data.splits.Selection(
+        "train", holdout=holdout, part="holdout"))[0].as_numpy_iterator()]
+    assert _largest_share(np.array(labels)) <= 0.25
+
+
+def test_input_pipelines_partition_the_split_and_each_is_class_mixed(class_sorted):
+    import tensorflow as tf
+
+    contexts = [tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=i,
+                                           num_replicas_in_sync=2) for i in range(2)]
+    shards = [set(_image_bytes(data._images(class_sorted, "train", input_context=c)[0]))
+              for c in contexts]
+    assert len(shards[0]) == len(shards[1]) == 300 and not shards[0] & shards[1]
+    for context in contexts:
+        iterator = iter(data.pretrain_dataset(class_sorted, batch_size=60, seed=0,
+                                              input_context=context, shuffle_buffer=10))
+        labels = np.concatenate([next(iterator)["label"].numpy() for _ in range(20)])
+        iid = _iid_mean_largest_share(labels, 30)
+        assert abs(np.mean([_largest_share(b) for b in labels.reshape(-1, 30)]) - iid) < 0.05
+
+
+def test_probe_training_views_are_random_resized_crops_from_008(digits16, monkeypatch):
+    scales = []
+    weak_view = data.augment.weak_view
+
+    def recording(*args, **kwargs):
+        scales.append(kwargs["scale"])
+        return weak_view(*args, **kwargs)
+
+    monkeypatch.setattr(data.augment, "weak_view", recording)
+    next(iter(data.probe_train_dataset(digits16, "train", batch_size=16)))
+    assert scales == [(0.08, 1.0)]

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.export import export_run
-from pipeline.train import load_trained_model
+from pipeline.run_dir import load_trained_model
 
 
 def _png_batch(digits16, count=5):

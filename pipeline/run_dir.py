@@ -1,0 +1,83 @@
+"""A training run's directory as the later commands read it: its model and its checkpoints.
+
+``ascl evaluate``, ``ascl export`` and the kNN monitor's bookkeeping all need
+the model a run's config describes and the weights of one of its
+checkpoints; this module is where they get them, so that none of them has to
+import the trainer.
+
+Checkpoints by name: ``last`` (the final weights) and ``best`` (the epoch with
+the highest kNN top-1 on the validation hold-out of the training split;
+``checkpoints/best.json`` records the epoch and the split that chose it).
+"""
+
+import json
+import os
+
+from models import ASCLModel, build_backbone, projection_head
+from pipeline.config import load_config
+from pipeline.prepared_dataset import load_manifest
+
+BEST_INFO = "best.json"
+
+
+def build_model(config, manifest):
+    """The ``ASCLModel`` a config describes, for the dataset's image shape (in the current scope)."""
+    m, a = config.model, config.ascl
+    backbone = build_backbone(m.backbone, input_shape=tuple(manifest["image_shape"]), stem=m.stem,
+                              norm=m.norm, bn_splits=m.bn_splits, widths=m.cnn_widths)
+    projector = projection_head(backbone.feature_dim, hidden_dims=tuple(m.projector_hidden),
+                                output_dim=m.projector_dim, norm=m.projector_norm,
+                                bn_splits=m.bn_splits)
+    return ASCLModel(backbone, projector, memory_size=a.memory_size, momentum=a.momentum,
+                     t1=a.t1, t2=a.t2, num_neighbors=a.num_neighbors, mode=a.mode,
+                     shuffle_keys=a.shuffle_keys, seed=config.train.seed,
+                     weight_decay=config.optimizer.weight_decay)
+
+
+def checkpoint_path(run_dir, checkpoint):
+    """The weights file of ``best``, ``last`` or a path; a clear error when it does not exist."""
+    if checkpoint not in ("best", "last"):
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (pass "
+                                    f"--checkpoint last, best or the path of a weights file)")
+        return checkpoint
+    path = os.path.join(run_dir, "checkpoints", f"{checkpoint}.weights.h5")
+    if not os.path.exists(path):
+        if checkpoint == "best":
+            raise FileNotFoundError(
+                f"{run_dir} has no best checkpoint: `best` is chosen by kNN on the validation "
+                f"hold-out of the training split, and this run had none (data.validation_size "
+                f"0 or train.knn_every 0) or has not reached a kNN evaluation yet; use "
+                f"--checkpoint last")
+        raise FileNotFoundError(f"checkpoint {path} does not exist (run `ascl train` to the end "
+                                f"first, or pass --checkpoint best or a weights path)")
+    return path
+
+
+def checkpoint_info(run_dir, checkpoint):
+    """What a report says about the weights it used: which checkpoint, its epoch, what chose it."""
+    info = {"name": checkpoint, "path": checkpoint_path(run_dir, checkpoint)}
+    if checkpoint == "best":
+        with open(os.path.join(run_dir, "checkpoints", BEST_INFO)) as handle:
+            best = json.load(handle)
+        info.update(epoch=best["epoch"], selected_by=f"highest kNN top-1 on {best['split']}",
+                    selection_knn_top1=best["knn_top1"])
+    elif checkpoint == "last":
+        summary_path = os.path.join(run_dir, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as handle:
+                info["epoch"] = json.load(handle)["epochs"]
+        info["selected_by"] = "none: the weights after the last epoch"
+    else:
+        info["selected_by"] = "given by path"
+    return info
+
+
+def load_trained_model(run_dir, checkpoint="last"):
+    """``(model, config, manifest)`` of a run, weights from ``best``, ``last`` or a path."""
+    config = load_config(os.path.join(run_dir, "config.yaml"))
+    manifest = load_manifest(config.data.dataset)
+    path = checkpoint_path(run_dir, checkpoint)
+    model = build_model(config, manifest)
+    model.load_weights(path)
+    return model, config, manifest
