@@ -19,9 +19,28 @@ def test_reference_config_holds_the_reference_settings():
         "resnet18", "cifar", "split", 8)
     assert (c.model.projector_hidden, c.model.projector_dim) == ([2048], 128)
     assert (c.ascl.memory_size, c.ascl.momentum, c.ascl.t1, c.ascl.t2) == (4096, 0.99, 0.1, 0.05)
-    assert (c.optimizer.lr, c.optimizer.momentum, c.optimizer.weight_decay,
-            c.optimizer.batch_size) == (0.06, 0.9, 5e-4, 256)
+    assert (c.ascl.num_neighbors, c.ascl.mode) == (5, "ascl")
+    assert (c.optimizer.lr, c.optimizer.reference_batch_size, c.optimizer.momentum,
+            c.optimizer.weight_decay, c.optimizer.batch_size) == (0.03, 256, 0.9, 5e-4, 256)
+    assert c.optimizer.warmup_epochs == 5 and c.optimizer.lr_scaling == "linear"
+    assert c.data.blur is True and c.data.key_view == "weak" and c.data.crop_min_scale == 0.2
     assert (c.evaluation.knn_k, c.evaluation.knn_temperature) == (200, 0.1)
+    assert (c.evaluation.linear_epochs, c.evaluation.linear_lr, c.evaluation.linear_milestones,
+            c.evaluation.linear_batch_size, c.evaluation.linear_augment) == (
+        100, 10.0, [0.6, 0.8], 256, True)
+
+
+@pytest.mark.parametrize("path", ["configs/cifar10_resnet18.yaml", "configs/cifar10_small_cpu.yaml"])
+def test_cifar_configs_use_the_reference_schedule_and_augmentations(path):
+    c = load_config(path)
+    assert (c.optimizer.lr, c.optimizer.batch_size, c.optimizer.warmup_epochs) == (0.03, 256, 5)
+    assert c.data.blur is True and c.data.validation_size == 5000
+
+
+def test_defaults_are_the_reference_settings():
+    c = load_config(None)
+    assert (c.optimizer.lr, c.optimizer.warmup_epochs, c.data.blur) == (0.03, 5.0, True)
+    assert c.evaluation.linear_milestones == [0.6, 0.8] and c.evaluation.linear_lr == 10.0
 
 
 def test_overrides_are_parsed_as_yaml():
@@ -44,6 +63,11 @@ def test_overrides_are_parsed_as_yaml():
     ("data.cache=yes please", r"data.cache must be true or false"),
     ("model.projector_hidden=512", r"model.projector_hidden must be a list"),
     ("optimizer", r"--set expects section.key=value"),
+    ("data.validation_size=-1", r"data.validation_size must be >= 0"),
+    ("data.validation_size=10.5", r"data.validation_size must be a whole count"),
+    ("evaluation.linear_milestones=[60, 80]", r"evaluation.linear_milestones\[0\] must be a "
+                                              r"fraction"),
+    ("evaluation.linear_milestones=[0.8, 0.6]", r"evaluation.linear_milestones must be increasing"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -57,3 +81,9 @@ def test_missing_or_broken_file(tmp_path):
     broken.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(broken))
+
+
+@pytest.mark.parametrize("typed, value", [("on", True), ("off", False), ("'on'", True),
+                                          ("'off'", False), ("true", True), ("no", False)])
+def test_switches_accept_what_users_type(typed, value):
+    assert load_config("configs/digits_small.yaml", [f"data.blur={typed}"]).data.blur is value

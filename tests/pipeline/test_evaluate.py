@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from pipeline import evaluate
 
@@ -55,10 +56,69 @@ def test_linear_probe_learns_on_pixels_of_digits(digits16):
 
     flatten = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten()])
     result = evaluate.linear_probe(flatten, digits16, train_split="train", eval_split="test",
-                                   epochs=10, lr=0.1, milestones=[8], batch_size=128,
+                                   epochs=10, lr=0.1, milestones=[0.8], batch_size=128,
                                    augment=False)
-    assert result["top1"] > 0.85
+    assert result["top1"] > 0.85 and "computed once" in result["inputs"]
+    assert result["milestone_epochs"] == [8] and result["lr"] == pytest.approx(0.05)
     augmented = evaluate.linear_probe(flatten, digits16, train_split="train", eval_split="test",
-                                      epochs=3, lr=0.1, milestones=[2], batch_size=128,
+                                      epochs=3, lr=0.1, milestones=[0.6], batch_size=128,
                                       augment=True)
     assert augmented["top1"] > 0.2  # chance is 0.1; crops make pixels a hard linear problem
+    assert "RandomResizedCrop" in augmented["inputs"]
+
+
+def test_probe_milestones_are_fractions_of_the_epochs():
+    assert evaluate.probe_milestone_epochs(100, [0.6, 0.8]) == [60, 80]
+    assert evaluate.probe_milestone_epochs(30, [0.6, 0.8]) == [18, 24]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_probe_takes_features_as_they_are(digits16, monkeypatch, augment):
+    """The classifier sees the backbone's output itself, not a unit-normalised copy."""
+    import keras
+
+    built = {}
+    compile_ = keras.Model.compile
+    monkeypatch.setattr(keras.Model, "compile", lambda model, **kw: (
+        built.setdefault("model", model), compile_(model, **kw))[1])
+    scaled = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(),
+                               keras.layers.Rescaling(7.0)])
+    evaluate.linear_probe(scaled, digits16, train_split="train", eval_split="test", epochs=0,
+                          lr=1.0, milestones=[0.6], batch_size=128, augment=augment)
+    images, _ = next(iter(evaluate.data.eval_dataset(digits16, "test", batch_size=8)))
+    features, _ = evaluate.embed(scaled, [(images, tf.zeros([8]))], normalize=False)
+    assert np.linalg.norm(features, axis=1).min() > 2.0  # far from unit length
+    classifier = built["model"].get_layer("linear_probe")
+    expected = classifier(features).numpy()
+    model_input = images if augment else features
+    np.testing.assert_allclose(built["model"](model_input).numpy(), expected, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_probe_classifier_and_optimizer_follow_the_reference(digits16, monkeypatch):
+    import keras
+
+    built = {}
+    compile_ = keras.Model.compile
+
+    def recording_compile(model, optimizer=None, **kwargs):
+        built["model"], built["optimizer"] = model, optimizer
+        built["initial"] = model.get_layer("linear_probe").get_weights()  # before training
+        return compile_(model, optimizer=optimizer, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "compile", recording_compile)
+    flatten = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten()])
+    evaluate.linear_probe(flatten, digits16, train_split="train", eval_split="test", epochs=10,
+                          lr=10.0, milestones=[0.6, 0.8], batch_size=128, augment=False)
+    optimizer = built["optimizer"]
+    assert optimizer.nesterov and optimizer.momentum == pytest.approx(0.9)
+    assert not optimizer.weight_decay
+    kernel, bias = built["initial"]
+    assert abs(kernel.std() - 0.01) < 0.001 and abs(kernel.mean()) < 0.001  # N(0, 0.01)
+    assert not bias.any()
+    schedule = optimizer._learning_rate
+    steps = -(-1437 // 128)  # batches per epoch
+    assert float(schedule(0)) == pytest.approx(5.0)  # lr 10 at batch 256 is 5 at 128
+    assert float(schedule(6 * steps)) == pytest.approx(5.0)
+    assert float(schedule(6 * steps + 1)) == pytest.approx(0.5)  # 60% of 10 epochs
+    assert float(schedule(8 * steps + 1)) == pytest.approx(0.05)  # 80%

@@ -36,13 +36,18 @@ def test_run_directory_holds_config_checkpoints_logs_and_history(trained_run):
     history = json.load(open(os.path.join(run_dir, "history.json")))
     assert [r["epoch"] for r in history] == [1, 2]
     for key in ("loss", "confidence", "max_soft_label", "contrastive_accuracy", "learning_rate",
-                "knn_top1", "epoch_seconds", "images_per_second"):
+                "val_knn_top1", "test_knn_top1", "epoch_seconds", "images_per_second"):
         assert all(np.isfinite(r[key]) for r in history), key
     assert history[1]["learning_rate"] < history[0]["learning_rate"]  # cosine decay
     events = [f for _, _, files in os.walk(os.path.join(run_dir, "tensorboard")) for f in files
               if f.startswith("events.out")]
     assert events
-    assert summary["best_knn_top1"] == max(r["knn_top1"] for r in history)
+    # `best` is chosen on the validation hold-out, never on the test split
+    best = json.load(open(os.path.join(run_dir, "checkpoints", "best.json")))
+    assert summary["best_val_knn_top1"] == max(r["val_knn_top1"] for r in history)
+    assert best["knn_top1"] == summary["best_val_knn_top1"] and "validation" in best["split"]
+    assert summary["trained_on"] == "train without its 144-example validation hold-out " \
+                                    "(limited to 512)"
 
 
 def test_tensorboard_gets_scalars_and_view_images(trained_run):
@@ -55,21 +60,47 @@ def test_tensorboard_gets_scalars_and_view_images(trained_run):
             if name.startswith("events.out"):
                 for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
                     tags.update(value.tag for value in event.summary.value)
-    assert {"epoch_loss", "epoch_confidence", "epoch_learning_rate", "epoch_knn_top1"} <= tags
+    assert {"epoch_loss", "epoch_confidence", "epoch_learning_rate", "epoch_knn_top1",
+            "epoch_test_knn_top1"} <= tags
     assert any(tag.startswith("views/") for tag in tags)
 
 
 def test_evaluation_report_and_projector(trained_run):
     run_dir, _ = trained_run
-    report = evaluate_run(run_dir, checkpoint="best")
+    report = evaluate_run(run_dir)
     assert set(report) >= {"knn", "raw_pixel_knn", "linear_probe", "projector"}
-    assert 0.0 <= report["knn"]["top1"] <= 1.0 and report["knn"]["k"] == 20
+    assert report["checkpoint"]["name"] == "last" and report["checkpoint"]["epoch"] == 2
+    assert report["checkpoint"]["selected_by"].startswith("none")
+    assert report["knn"]["k"] == 20
     assert report["raw_pixel_knn"]["top1"] > 0.9
     saved = json.load(open(os.path.join(run_dir, "evaluation.json")))
     assert saved["knn"] == report["knn"]
     projector = os.path.join(run_dir, "tensorboard", "projector")
     assert os.path.exists(os.path.join(projector, "projector_config.pbtxt"))
     assert len(open(os.path.join(projector, "metadata.tsv")).read().splitlines()) == 51
+    best = evaluate_run(run_dir, checkpoint="best", linear=False,
+                        output=os.path.join(run_dir, "best.json"))
+    assert best["checkpoint"]["name"] == "best"
+    assert best["checkpoint"]["selected_by"].startswith("highest kNN top-1 on validation")
+    assert best["checkpoint"]["epoch"] in (1, 2)
+
+
+def test_reference_schedule_warms_up_for_5_epochs_then_cosine_per_step():
+    from pipeline.config import load_config
+    from pipeline.train import learning_rate
+
+    config = load_config("configs/cifar10_resnet18.yaml")  # 200 epochs
+    schedule = learning_rate(config, steps_per_epoch=100)
+    lr = lambda step: float(schedule(step))  # noqa: E731
+    warmup, total = 500, 20000
+    assert lr(0) == 0.0
+    assert lr(250) == pytest.approx(0.015) and lr(500) == pytest.approx(0.03)
+    assert lr(260) > lr(250)  # per iteration, not per epoch
+    assert lr(warmup + (total - warmup) // 2) == pytest.approx(0.015, rel=1e-3)
+    assert lr(total) == pytest.approx(0.0, abs=1e-9)
+    assert lr(warmup + 100) < lr(warmup + 99)
+    doubled = load_config("configs/cifar10_resnet18.yaml", ["optimizer.batch_size=512"])
+    assert float(learning_rate(doubled, steps_per_epoch=100)(500)) == pytest.approx(0.06)
 
 
 class _StopAfter(keras.callbacks.Callback):
