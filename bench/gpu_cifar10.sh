@@ -35,7 +35,7 @@ import json, sys
 history = json.load(open(sys.argv[1]))
 print(f"{'epoch':>5} {'seconds':>8} {'images/s':>9} {'kNN top-1':>9}")
 for r in history:
-    knn = f"{r['knn_top1']:.4f}" if "knn_top1" in r else ""
+    knn = f"{r['test_knn_top1']:.4f}" if "test_knn_top1" in r else ""
     print(f"{r['epoch']:>5} {r['epoch_seconds']:>8.2f} {r['images_per_second']:>9.0f} {knn:>9}")
 json.dump(history, open(f"{sys.argv[2]}/history.json", "w"), indent=1)
 PYEOF

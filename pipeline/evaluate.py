@@ -137,7 +137,8 @@ def linear_probe(backbone, manifest, *, train_split, eval_split, epochs, lr, mil
                       metrics=[keras.metrics.SparseTopKCategoricalAccuracy(1, name="top1"),
                                keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")])
         if epochs:
-            model.fit(train, epochs=epochs, verbose=verbose)
+            model.fit(train, epochs=epochs, verbose=verbose,
+                      shuffle=False)  # tf.data already shuffles; silences Keras's warning
         result = model.evaluate(test, verbose=0, return_dict=True)
     finally:
         backbone.trainable = True
