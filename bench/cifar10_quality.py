@@ -37,7 +37,7 @@ def plot(results, path):
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for arm, info in results["arms"].items():
         epochs = [r["epoch"] for r in info["history"]]
-        axis.plot(epochs, [100 * r["test_knn_top1"] for r in info["history"]], marker="o", label=arm)
+        axis.plot(epochs, [100 * r["knn_top1"] for r in info["history"]], marker="o", label=arm)
     axis.axhline(100 * results["raw_pixel_knn"]["top1"], color="gray", linestyle="--",
                  label="raw-pixel kNN")
     axis.set_xlabel("epoch")

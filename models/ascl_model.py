@@ -155,6 +155,8 @@ class ASCLModel(keras.Model):
                     f"received keys {sorted(data)}")
             return data["strong_view"], data["weak_view"]
         if isinstance(data, (tuple, list)):
+            if len(data) in (2, 3) and isinstance(data[0], dict):
+                return self._views(data[0])  # (views, y, sample_weight) from *_on_batch
             if len(data) in (2, 3) and isinstance(data[0], (tuple, list)):
                 data = data[0]  # ((strong, weak), labels)
             if len(data) in (2, 3) and not isinstance(data[0], (tuple, list, dict)):

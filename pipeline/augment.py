@@ -37,7 +37,8 @@ import math
 
 import tensorflow as tf
 
-_GRAY = tf.constant([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale
+# PIL's "L" conversion (ITU-R 601-2), which the reference's transforms on PIL images use.
+_GRAY = tf.constant([0.299, 0.587, 0.114])
 
 
 def _split(seed, count):
@@ -101,22 +102,29 @@ def resized_crop_windows(seed, batch, height, width, *, scale=(0.08, 1.0),
 
 
 def crop_and_resize_windows(images, windows, size):
-    """Bilinear resize of integer pixel windows to ``size`` x ``size``, half-pixel centres
-    as in PIL and torchvision (coordinates clamped to the image at its border)."""
+    """Bilinear resize of integer pixel windows to ``size`` x ``size`` as PIL resizes a
+    cropped image (``crop(...).resize(..., BILINEAR)``): half-pixel centres, and sample
+    positions clamped to the window, so the window's edge rows extend outwards.
+
+    Exact for windows no larger than ``size`` (always when views keep the stored size, as
+    on CIFAR-10); PIL would also low-pass filter a window it shrinks.
+    """
     top, left, crop_h, crop_w = windows
-    height = tf.cast(tf.shape(images)[1], tf.float32)
-    width = tf.cast(tf.shape(images)[2], tf.float32)
 
-    def span(start, extent, limit):
-        first = start + 0.5 * extent / size - 0.5
-        last = start + extent - 0.5 * extent / size - 0.5
-        return (tf.clip_by_value(first, 0.0, limit - 1) / (limit - 1),
-                tf.clip_by_value(last, 0.0, limit - 1) / (limit - 1))
+    def positions(start, extent):
+        steps = (tf.range(size, dtype=tf.float32)[None, :] + 0.5) * (extent[:, None] / size)
+        where = tf.clip_by_value(start[:, None] + steps - 0.5, start[:, None],
+                                 start[:, None] + extent[:, None] - 1)
+        low = tf.floor(where)
+        high = tf.minimum(low + 1, start[:, None] + extent[:, None] - 1)
+        return tf.cast(low, tf.int32), tf.cast(high, tf.int32), (where - low)
 
-    y1, y2 = span(top, crop_h, height)
-    x1, x2 = span(left, crop_w, width)
-    boxes = tf.stack([y1, x1, y2, x2], axis=1)
-    return tf.image.crop_and_resize(images, boxes, tf.range(_batch_size(images)), [size, size])
+    y0, y1, wy = positions(top, crop_h)
+    x0, x1, wx = positions(left, crop_w)
+    rows = (tf.gather(images, y0, axis=1, batch_dims=1) * (1 - wy)[:, :, None, None]
+            + tf.gather(images, y1, axis=1, batch_dims=1) * wy[:, :, None, None])
+    return (tf.gather(rows, x0, axis=2, batch_dims=1) * (1 - wx)[:, None, :, None]
+            + tf.gather(rows, x1, axis=2, batch_dims=1) * wx[:, None, :, None])
 
 
 def random_resized_crop(images, seed, *, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -209,46 +217,79 @@ def random_grayscale(images, seed, *, p=0.2):
     return tf.where(_per_image(_uniform(seed, _batch_size(images)) < p), gray, images)
 
 
+BLUR_PASSES = 3  # PIL's GaussianBlur: three box blurs per axis
+
+
+def _pil_box_radius(sigma, passes=BLUR_PASSES):
+    """``(l, a)``: the integer and fractional box radius PIL's ``_gaussian_blur_radius``
+    gives a Gaussian of std ``sigma`` made of ``passes`` box blurs (Gwosdek et al. 2011).
+    Works on floats and on tensors."""
+    floor, sqrt = (math.floor, math.sqrt) if isinstance(sigma, float) else (tf.floor, tf.sqrt)
+    sigma2 = sigma * sigma / passes
+    whole = floor((sqrt(12.0 * sigma2 + 1.0) - 1.0) / 2.0)
+    fraction = ((2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2)
+                / (6 * (sigma2 - (whole + 1) * (whole + 1))))
+    return whole, fraction
+
+
 def blur_radius(max_sigma):
-    """Half-width of the blur kernel: 3 sigma, so the Gaussian is not truncated."""
-    return max(1, math.ceil(3.0 * max_sigma))
+    """Half-width of the blur for sigmas up to ``max_sigma``: the support of PIL's three
+    box passes together, ``3 * (l + 1)``, which is at least 3 sigma up to sigma 2."""
+    return BLUR_PASSES * (int(_pil_box_radius(float(max_sigma))[0]) + 1)
+
+
+def box_kernels(sigmas, box_radius):
+    """Per-image 1-D kernels ``[B, 2 * box_radius + 1]`` of one of PIL's box-blur passes for
+    ``GaussianBlur(sigma)``, in PIL's 24-bit fixed point (integers summing to ``2**24``):
+    ``ww = 2**24 // (2 r + 1)`` within ``l`` of the centre and ``fw`` for the fractional ends."""
+    whole, fraction = _pil_box_radius(tf.cast(sigmas, tf.float64))
+    ww = tf.floor(2.0 ** 24 / (2 * (whole + fraction) + 1))
+    fw = tf.floor((2.0 ** 24 - (2 * whole + 1) * ww) / 2)
+    offsets = tf.abs(tf.range(-box_radius, box_radius + 1, dtype=tf.float64))[None, :]
+    return tf.where(offsets <= whole[:, None], ww[:, None],
+                    tf.where(offsets == whole[:, None] + 1, fw[:, None], tf.zeros_like(offsets)))
 
 
 def blur_with_sigmas(images, sigmas, radius):
-    """Separable Gaussian blur of each image with its own ``sigmas`` [B] (pixels),
-    kernel ``2 * radius + 1`` wide, edges extended as PIL extends them."""
+    """PIL's ``GaussianBlur(radius=sigma)`` of each image with its own ``sigmas`` [B]
+    (pixels), computed as PIL computes it on 8-bit images: three box-blur passes along the
+    rows, then three along the columns, edges extended, each pass in 24-bit fixed point
+    rounded to 8 bits (float64 holds those sums exactly).  ``radius`` is the support of
+    the three passes together (``blur_radius``)."""
     batch = _batch_size(images)
     height, width = tf.shape(images)[1], tf.shape(images)[2]
     channels = images.shape[-1]
-    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
-    kernels = tf.exp(-0.5 * tf.square(offsets[None, :] / sigmas[:, None]))
-    kernels /= tf.reduce_sum(kernels, axis=1, keepdims=True)  # [B, k]
-    # Edge replication by clamped indices (tf.pad has no "edge" mode).
-    rows = tf.clip_by_value(tf.range(-radius, height + radius), 0, height - 1)
-    cols = tf.clip_by_value(tf.range(-radius, width + radius), 0, width - 1)
-    padded = tf.gather(tf.gather(images, rows, axis=1), cols, axis=2)
+    box_radius = radius // BLUR_PASSES
+    per_channel = tf.transpose(tf.repeat(box_kernels(sigmas, box_radius), channels, axis=0))
     # One depthwise convolution over all images at once: images become channels.
-    stacked = tf.transpose(padded, [1, 2, 0, 3])  # [H + 2r, W + 2r, B, C]
-    stacked = tf.reshape(stacked, [1, height + 2 * radius, width + 2 * radius, -1])
-    per_channel = tf.transpose(tf.repeat(kernels, channels, axis=0))  # [k, B*C]
-    blurred = tf.nn.depthwise_conv2d(stacked, per_channel[:, None, :, None], [1, 1, 1, 1], "VALID")
-    blurred = tf.nn.depthwise_conv2d(blurred, per_channel[None, :, :, None], [1, 1, 1, 1],
-                                     "VALID")
-    blurred = tf.reshape(blurred, [height, width, batch, channels])
-    return tf.transpose(blurred, [2, 0, 1, 3])
+    pixels = tf.round(tf.cast(images, tf.float64) * 255.0)  # the reference blurs 8-bit images
+    out = tf.reshape(tf.transpose(pixels, [1, 2, 0, 3]), [1, height, width, -1])
+    for axis, kernel in ((2, per_channel[None, :, :, None]), (1, per_channel[:, None, :, None])):
+        size = tf.shape(out)[axis]
+        # edge replication by clamped indices (tf.pad has no "edge" mode)
+        index = tf.clip_by_value(tf.range(-box_radius, size + box_radius), 0, size - 1)
+        for _ in range(BLUR_PASSES):
+            out = tf.nn.depthwise_conv2d(tf.gather(out, index, axis=axis), kernel,
+                                         [1, 1, 1, 1], "VALID")
+            out = tf.floor((out + 2.0 ** 23) / 2.0 ** 24)
+    out = tf.reshape(out, [height, width, batch, channels])
+    return tf.cast(tf.transpose(out, [2, 0, 1, 3]) / 255.0, images.dtype)
+
+
+def draw_blur(seed, batch, *, sigma=(0.1, 2.0), p=0.5):
+    """``(sigmas [B], applied [B])`` of the reference's ``RandomApply([GaussianBlur(sigma)],
+    p)``: sigma uniform per image, in pixels."""
+    apply_seed, sigma_seed = _split(seed, 2)
+    return _uniform(sigma_seed, batch, *sigma), _uniform(apply_seed, batch) < p
 
 
 def gaussian_blur(images, seed, *, sigma=(0.1, 2.0), p=0.5):
     """The reference's ``RandomApply([GaussianBlur(sigma)], p)`` with PIL's
-    ``ImageFilter.GaussianBlur(radius=sigma)``: sigma uniform per image, in pixels.
-
-    An exact Gaussian over +-3 sigma; PIL approximates it with three box blurs,
-    which lands within about one grey level of this (tested against PIL).
-    """
-    batch = _batch_size(images)
-    apply_seed, sigma_seed = _split(seed, 2)
-    blurred = blur_with_sigmas(images, _uniform(sigma_seed, batch, *sigma), blur_radius(sigma[1]))
-    return tf.where(_per_image(_uniform(apply_seed, batch) < p), blurred, images)
+    ``ImageFilter.GaussianBlur(radius=sigma)``, whose three box blurs this reproduces
+    (within a grey level of PIL at every sigma; tested against PIL)."""
+    sigmas, applied = draw_blur(seed, _batch_size(images), sigma=sigma, p=p)
+    blurred = blur_with_sigmas(images, sigmas, blur_radius(sigma[1]))
+    return tf.where(_per_image(applied), blurred, images)
 
 
 def weak_view(images, seed, *, size, scale=(0.2, 1.0), flip=True):

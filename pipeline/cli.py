@@ -7,7 +7,10 @@ existing output) into one-line messages and exit status 2.
 
 import argparse
 import json
+import os
+import re
 import sys
+import tempfile
 
 VERSION = "0.1.0"
 
@@ -128,8 +131,48 @@ def build_parser():
     return parser
 
 
+# TensorFlow's start-up chatter on stderr: absl's pre-initialisation INFO lines (oneDNN,
+# "could not find cuda drivers", CPU feature notices) and the cuInit failure of a GPU-less
+# machine.  TF_CPP_MIN_LOG_LEVEL does not reach the absl lines, so they are filtered.
+_STARTUP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)|I0000 |"
+    r"E0000 .*(cuInit|cuda_platform)|To enable the following instructions|"
+    r"This TensorFlow binary is optimized)")
+
+
+def quiet_tensorflow_startup():
+    """Imports TensorFlow with its start-up logs filtered out, unless the user set
+    ``TF_CPP_MIN_LOG_LEVEL`` (then everything is shown, as they asked).
+
+    Finding the devices here does not initialise TensorFlow's context, so strategies
+    and device settings made later still work.  Lines that are not start-up noise
+    (real warnings and errors) are written through to stderr.
+    """
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        for line in captured.read().decode("utf-8", "replace").splitlines():
+            if line.strip() and not _STARTUP_NOISE.match(line):
+                print(line, file=sys.stderr)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and not {"-h", "--help", "--version"} & set(argv):
+        quiet_tensorflow_startup()
     if argv and argv[0] in PASSTHROUGH:
         import importlib
 

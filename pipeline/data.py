@@ -2,10 +2,11 @@
 
 Pre-training elements are dicts ``{"strong_view", "weak_view", "label"}`` of
 normalised float32 ``[B, S, S, 3]`` views (``ASCLModel.fit`` ignores the
-label).  The chain: read shards (file order reshuffled every epoch, parallel
-interleave) -> decode -> [keep a hash-chosen part: ``pipeline.splits``] ->
-cache the decoded uint8 images in memory when they fit -> shuffle (the whole
-split when cached, every epoch) -> batch (dropping the remainder) -> two
+label).  The chain: read shards (parallel interleave; file order reshuffled
+every epoch, which matters when the split is not cached: a cache replays the
+first epoch's order) -> decode -> [keep a hash-chosen part: ``pipeline.splits``]
+-> cache the decoded uint8 images in memory when they fit -> shuffle (the
+whole split when cached, every epoch) -> batch (dropping the remainder) -> two
 views per image, vectorised per batch -> normalise with the manifest's mean
 and std -> prefetch.
 
@@ -100,10 +101,10 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
         cached; a cached split is shuffled whole every epoch.
       cache: keep decoded images in memory when they fit (4 GiB).
 
-    The order: the shard files are reshuffled every epoch (one seed for every
-    input pipeline, so element-wise sharding stays a partition), and the
-    examples are shuffled with a buffer of the whole split (per input
-    pipeline) when it is cached, reshuffled every epoch.
+    The order: a cached split (per input pipeline) is shuffled whole, anew every
+    epoch; a split too large to cache is read in a file order reshuffled every
+    epoch (one seed for every input pipeline, so element-wise sharding stays a
+    partition) through a ``shuffle_buffer`` of examples.
     """
     per_replica = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
     size = manifest["image_shape"][0]

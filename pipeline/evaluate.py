@@ -110,8 +110,11 @@ def linear_probe(backbone, manifest, *, train_split, eval_split, epochs, lr, mil
     steps = -(-data.splits.as_selection(train_split).count(manifest) // batch_size)  # batches
     base_lr = lr * batch_size / reference_batch_size
     drops = probe_milestone_epochs(epochs, milestones)
+    # The optimizer's step s uses schedule(s); epoch e + 1 starts at step e * steps, and
+    # PiecewiseConstantDecay keeps the old value up to and including a boundary.
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
-        [epoch * steps for epoch in drops], [base_lr * 0.1 ** i for i in range(len(drops) + 1)])
+        [epoch * steps - 1 for epoch in drops],
+        [base_lr * 0.1 ** i for i in range(len(drops) + 1)])
     classifier = keras.layers.Dense(
         num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01, seed=seed),
         bias_initializer="zeros", name="linear_probe")

@@ -90,6 +90,14 @@ def decode_example(serialized, image_shape, *, with_id=False):
     return image, features["label"]
 
 
+def read_ids(manifest, split):
+    """A ``tf.data.Dataset`` of the example ids of ``split``, without decoding any image."""
+    spec = {"id": _FEATURES["id"]}
+    return (tf.data.TFRecordDataset(split_files(manifest, split))
+            .map(lambda record: tf.io.parse_single_example(record, spec)["id"],
+                 num_parallel_calls=tf.data.AUTOTUNE))
+
+
 def read_split(manifest_or_directory, split, *, deterministic=True, with_ids=False,
                shuffle_files_seed=None):
     """A ``tf.data.Dataset`` of ``(image, label[, id])`` for one split of a prepared dataset.

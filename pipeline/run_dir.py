@@ -13,8 +13,10 @@ the highest kNN top-1 on the validation hold-out of the training split;
 import json
 import os
 
+import yaml
+
 from models import ASCLModel, build_backbone, projection_head
-from pipeline.config import load_config
+from pipeline.config import ConfigError, from_dict
 from pipeline.prepared_dataset import load_manifest
 
 BEST_INFO = "best.json"
@@ -60,7 +62,10 @@ def checkpoint_info(run_dir, checkpoint):
     if checkpoint == "best":
         with open(os.path.join(run_dir, "checkpoints", BEST_INFO)) as handle:
             best = json.load(handle)
-        info.update(epoch=best["epoch"], selected_by=f"highest kNN top-1 on {best['split']}",
+        # runs from before the validation hold-out chose `best` on the evaluation split
+        split = best.get("split", "the evaluation split (a run made before validation "
+                                  "hold-outs existed)")
+        info.update(epoch=best["epoch"], selected_by=f"highest kNN top-1 on {split}",
                     selection_knn_top1=best["knn_top1"])
     elif checkpoint == "last":
         summary_path = os.path.join(run_dir, "summary.json")
@@ -73,9 +78,37 @@ def checkpoint_info(run_dir, checkpoint):
     return info
 
 
+def _upgrade_legacy(raw):
+    """Reads the config of a run made by an earlier version: ``data.blur`` was
+    ``auto|on|off`` (``auto``: on from 64 px; blur does not affect evaluation or export,
+    so it is read as off) and ``evaluation.linear_milestones`` were epochs, not fractions."""
+    data_section = raw.get("data") or {}
+    if data_section.get("blur") == "auto":
+        data_section["blur"] = False
+    evaluation = raw.get("evaluation") or {}
+    milestones = evaluation.get("linear_milestones")
+    epochs = evaluation.get("linear_epochs", 100)
+    if milestones and epochs and all(isinstance(m, int) and m >= 1 for m in milestones):
+        evaluation["linear_milestones"] = [m / epochs for m in milestones if m < epochs]
+    return raw
+
+
+def load_run_config(run_dir):
+    """The validated ``Config`` a run was trained with (``RUN/config.yaml``)."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir} is not a training run: {path} does not exist")
+    with open(path) as handle:
+        raw = yaml.safe_load(handle) or {}
+    try:
+        return from_dict(_upgrade_legacy(raw))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
+
+
 def load_trained_model(run_dir, checkpoint="last"):
     """``(model, config, manifest)`` of a run, weights from ``best``, ``last`` or a path."""
-    config = load_config(os.path.join(run_dir, "config.yaml"))
+    config = load_run_config(run_dir)
     manifest = load_manifest(config.data.dataset)
     path = checkpoint_path(run_dir, checkpoint)
     model = build_model(config, manifest)

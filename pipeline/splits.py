@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from pipeline.prepared_dataset import read_split
+from pipeline.prepared_dataset import read_ids
 
 # SipHash key of the selection hash (any fixed pair of integers; changing it
 # changes which examples every hold-out and limit contains).
@@ -41,9 +41,7 @@ def sorted_hashes(manifest, split):
     """The selection hashes of every example of ``split``, sorted (read once per process)."""
     cache_key = (manifest["directory"], split)
     if cache_key not in _hash_cache:
-        ids = read_split(manifest, split, with_ids=True).map(
-            lambda image, label, example_id: example_id, num_parallel_calls=tf.data.AUTOTUNE)
-        chunks = [selection_hash(batch).numpy() for batch in ids.batch(8192)]
+        chunks = [selection_hash(batch).numpy() for batch in read_ids(manifest, split).batch(8192)]
         _hash_cache[cache_key] = np.sort(np.concatenate(chunks)) if chunks else np.zeros(
             [0], np.int64)
     return _hash_cache[cache_key]

@@ -79,9 +79,16 @@ def test_key_encoder_is_the_moving_average_of_the_query_encoder():
             np.testing.assert_allclose(k.numpy(), 0.9 * old + 0.1 * q.numpy(), atol=1e-6)
             changed += not np.allclose(k.numpy(), old)
     assert changed > 0
-    # BN moving statistics of the key encoder come from its own forward pass, not the EMA
+    # BN moving statistics of the key encoder come from its own forward pass on the weak
+    # views, not from the EMA: a twin's key encoder, run once on them, lands on the same
+    # moving mean (split BN's mean does not depend on the key shuffle's order)
+    twin = _model(momentum=0.9, norm="split")
+    twin.key_encoder(weak, training=True)
     key_bn = model.key_encoder.get_layer("small_cnn").get_layer("norm1")
-    assert not np.allclose(key_bn.moving_mean.numpy(), 0.0)
+    twin_bn = twin.key_encoder.get_layer("small_cnn").get_layer("norm1")
+    np.testing.assert_allclose(key_bn.moving_mean.numpy(), twin_bn.moving_mean.numpy(),
+                               atol=1e-6)
+    assert np.abs(key_bn.moving_mean.numpy()).max() > 1e-4
 
 
 @pytest.mark.parametrize("memory_size, batch, steps", [(10, 4, 3), (3, 8, 2), (7, 7, 2)])
@@ -125,6 +132,20 @@ def test_fit_accepts_the_documented_element_structures(element):
     assert all(np.isfinite(v[0]) for v in history.history.values())
 
 
+def test_on_batch_calls_accept_dict_views():
+    strong, weak = _views(8)
+    views = {"strong_view": strong, "weak_view": weak}
+    by_fit, by_batch = _model(), _model()
+    fitted = by_fit.fit(tf.data.Dataset.from_tensors((strong, weak)), verbose=0)
+    logs = by_batch.train_on_batch(views, return_dict=True)
+    assert logs["loss"] == pytest.approx(fitted.history["loss"][0], rel=1e-5)
+    np.testing.assert_allclose(by_batch.queue.numpy(), by_fit.queue.numpy(), atol=1e-6)
+    tested = by_batch.test_on_batch(views, return_dict=True)
+    evaluated = by_batch.evaluate(tf.data.Dataset.from_tensors(views), verbose=0,
+                                  return_dict=True)
+    assert tested["loss"] == pytest.approx(evaluated["loss"], rel=1e-5)
+
+
 def test_fit_rejects_a_dict_without_the_view_keys():
     strong, weak = _views(4)
     data = tf.data.Dataset.from_tensors({"strong": strong, "weak": weak})
@@ -139,7 +160,9 @@ def test_metrics_are_consistent_with_the_mode():
     hard = _model(mode="hard", num_neighbors=1).fit(
         tf.data.Dataset.from_tensors((strong, weak)), verbose=0)
     assert hard.history["max_soft_label"][0] == pytest.approx(0.5)
-    assert 0.0 <= hard.history["contrastive_accuracy"][0] <= 1.0
+    # identical views through identical encoders: q.k = 1, above any queue entry
+    same = _model(momentum=1.0).fit(tf.data.Dataset.from_tensors((strong, strong)), verbose=0)
+    assert same.history["contrastive_accuracy"][0] == 1.0
 
 
 def test_call_and_predict_return_backbone_features():

@@ -46,3 +46,34 @@ def test_subcommand_help_lists_every_flag():
 def test_beam_job_errors_are_one_line_messages(tmp_path, capsys):
     assert main(["prepare", "--source", "pictures", "--output", str(tmp_path / "x")]) == 2
     assert "ascl prepare: error: --source must be" in capsys.readouterr().err
+
+
+def test_evaluate_and_export_default_to_the_last_checkpoint():
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["evaluate", "--run-dir", "r"]).checkpoint == "last"
+    assert parser.parse_args(["export", "--run-dir", "r", "--name", "n"]).checkpoint == "last"
+
+
+def test_tensorflow_startup_logs_are_quiet_unless_asked_for():
+    script = os.path.join(os.path.dirname(sys.executable), "ascl")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run([script, "version"], capture_output=True, text=True, env=env,
+                           check=True)
+    assert quiet.stdout.startswith("ascl ") and quiet.stderr == ""
+    loud = subprocess.run([script, "version"], capture_output=True, text=True, check=True,
+                          env={**env, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert "I0000" in loud.stderr  # the user's setting wins
+
+
+def test_documented_switch_values_are_accepted_as_typed(tmp_path):
+    # YAML reads on/off as booleans: both spellings must reach the config, which is
+    # validated before the (missing) dataset is looked at
+    for typed in ("on", "off", "true", "false"):
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "train", "--config", "configs/digits_small.yaml",
+             "--run-dir", str(tmp_path / "run"), "--set", f"data.blur={typed}",
+             "--set", f"data.dataset={tmp_path / 'missing'}"], capture_output=True, text=True)
+        assert result.returncode == 2 and "is not a prepared dataset" in result.stderr, (
+            typed, result.stderr[-500:])

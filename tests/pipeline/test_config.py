@@ -46,9 +46,9 @@ def test_defaults_are_the_reference_settings():
 def test_overrides_are_parsed_as_yaml():
     c = load_config("configs/digits_small.yaml",
                     ["optimizer.lr=0.03", "model.projector_hidden=[64, 32]", "data.cache=false",
-                     "optimizer.warmup_epochs=2"])
+                     "optimizer.warmup_epochs=5"])
     assert c.optimizer.lr == 0.03 and c.model.projector_hidden == [64, 32]
-    assert c.data.cache is False and c.optimizer.warmup_epochs == 2.0
+    assert c.data.cache is False and c.optimizer.warmup_epochs == 5.0
 
 
 @pytest.mark.parametrize("override, message", [

@@ -161,8 +161,9 @@ def test_input_pipelines_partition_the_split_and_each_is_class_mixed(class_sorte
 
     contexts = [tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=i,
                                            num_replicas_in_sync=2) for i in range(2)]
-    shards = [set(_image_bytes(data._images(class_sorted, "train", input_context=c)[0]))
-              for c in contexts]
+    # the training reader's configuration: file order reshuffled from one seed
+    shards = [set(_image_bytes(data._images(class_sorted, "train", input_context=c,
+                                            shuffle_files_seed=0)[0])) for c in contexts]
     assert len(shards[0]) == len(shards[1]) == 300 and not shards[0] & shards[1]
     for context in contexts:
         iterator = iter(data.pretrain_dataset(class_sorted, batch_size=60, seed=0,
@@ -183,3 +184,11 @@ def test_probe_training_views_are_random_resized_crops_from_008(digits16, monkey
     monkeypatch.setattr(data.augment, "weak_view", recording)
     next(iter(data.probe_train_dataset(digits16, "train", batch_size=16)))
     assert scales == [(0.08, 1.0)]
+
+
+def test_training_reader_reshuffles_files_from_the_training_seed(class_foldered, monkeypatch):
+    calls = []
+    read_split = data.read_split
+    monkeypatch.setattr(data, "read_split", lambda *a, **kw: calls.append(kw) or read_split(*a, **kw))
+    data.pretrain_dataset(class_foldered, batch_size=30, seed=7)
+    assert calls and calls[0]["shuffle_files_seed"] == 7

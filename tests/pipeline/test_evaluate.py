@@ -119,6 +119,8 @@ def test_probe_classifier_and_optimizer_follow_the_reference(digits16, monkeypat
     schedule = optimizer._learning_rate
     steps = -(-1437 // 128)  # batches per epoch
     assert float(schedule(0)) == pytest.approx(5.0)  # lr 10 at batch 256 is 5 at 128
-    assert float(schedule(6 * steps)) == pytest.approx(5.0)
-    assert float(schedule(6 * steps + 1)) == pytest.approx(0.5)  # 60% of 10 epochs
-    assert float(schedule(8 * steps + 1)) == pytest.approx(0.05)  # 80%
+    # the first step of epoch 7 (60% of 10 epochs done) already uses the dropped rate
+    assert float(schedule(6 * steps - 1)) == pytest.approx(5.0)
+    assert float(schedule(6 * steps)) == pytest.approx(0.5)
+    assert float(schedule(8 * steps - 1)) == pytest.approx(0.5)
+    assert float(schedule(8 * steps)) == pytest.approx(0.05)

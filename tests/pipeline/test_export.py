@@ -126,3 +126,13 @@ def test_bad_name_is_refused(exported):
     run_dir, base, _ = exported
     with pytest.raises(ValueError, match="--name"):
         export_run(run_dir, name="../escape", base_dir=base)
+
+
+def test_export_defaults_to_last_and_records_it(exported, tmp_path):
+    run_dir, _, _ = exported
+    path = export_run(run_dir, name="digits", base_dir=str(tmp_path))
+    info = json.load(open(os.path.join(path, "assets.extra", "ascl_export.json")))
+    assert info["checkpoint"]["name"] == "last" and info["checkpoint"]["epoch"] == 1
+    # that run had no kNN monitor, so no `best`: asking for it is a clear error
+    with pytest.raises(FileNotFoundError, match="has no best checkpoint"):
+        export_run(run_dir, name="digits", checkpoint="best", base_dir=str(tmp_path))

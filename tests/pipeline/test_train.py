@@ -210,3 +210,26 @@ def test_resuming_a_different_experiment_is_refused(trained_run, digits16):
     run_dir, _ = trained_run
     with pytest.raises(TrainingError, match="different experiment.*ascl.mode"):
         train(_config(digits16, "train.epochs=2", "ascl.mode=moco"), run_dir)
+
+
+def test_runs_made_by_the_previous_version_still_evaluate(trained_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    run_dir = str(tmp_path / "old_run")
+    shutil.copytree(trained_run[0], run_dir)
+    config = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+    config["data"]["blur"] = "auto"
+    config["evaluation"]["linear_milestones"] = [20, 25]
+    config["evaluation"]["linear_epochs"] = 30
+    yaml.safe_dump(config, open(os.path.join(run_dir, "config.yaml"), "w"))
+    best_path = os.path.join(run_dir, "checkpoints", "best.json")
+    best = json.load(open(best_path))
+    del best["split"]
+    json.dump(best, open(best_path, "w"))
+    report = evaluate_run(run_dir, checkpoint="best", linear=False)
+    assert "before validation hold-outs existed" in report["checkpoint"]["selected_by"]
+    from pipeline.run_dir import load_run_config
+
+    assert load_run_config(run_dir).evaluation.linear_milestones == pytest.approx([2 / 3, 5 / 6])
