@@ -19,7 +19,6 @@ setup(
     install_requires=[
         "tensorflow==2.21.0",
         "keras==3.15.1",
-        "keras-cv==0.9.0",
         "tensorflow-datasets==4.9.10",
         "apache-beam==2.77.0",
         "tensorboard==2.21.0",

@@ -26,7 +26,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_jobs.images import InvalidImage, decode_image, resize_and_center_crop, validate_pixels
+from beam_jobs.images import InvalidImage, decode_image, square_and_resize, validate_pixels
 from beam_jobs.sources import ReadFolder
 
 EXPORT_INFO = "assets.extra/ascl_export.json"
@@ -79,7 +79,7 @@ class _ToPixels(beam.DoFn):
     def process(self, item):
         try:
             pixels = validate_pixels(decode_image(item["data"]), min_size=1)
-            pixels = resize_and_center_crop(pixels, self.size)
+            pixels = square_and_resize(pixels, self.size)
         except InvalidImage as error:
             yield beam.pvalue.TaggedOutput("dead", {"path": item["source_path"],
                                                     "reason": str(error)})

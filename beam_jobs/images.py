@@ -6,6 +6,7 @@ the dead-letter output.  Images that are readable but not 8-bit RGB
 """
 
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -17,6 +18,12 @@ _CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", 
 
 class InvalidImage(ValueError):
     """An input that cannot become a training image; the message says why."""
+
+
+def _stable(error):
+    """An error's text without object addresses ("<_io.BytesIO object at 0x7f...>"), so the
+    dead letters of two runs on the same input are byte-identical."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(error))
 
 
 def _sixteen_bit_to_rgb(image):
@@ -35,9 +42,10 @@ def decode_image(data):
         image = Image.open(io.BytesIO(data))
         image.load()
     except Image.DecompressionBombError as error:
-        raise InvalidImage(f"too large: {error}") from error
+        raise InvalidImage(f"too large: {_stable(error)}") from error
     except Exception as error:  # PIL raises many types for corrupt bytes
-        raise InvalidImage(f"undecodable bytes: {type(error).__name__}: {error}") from error
+        raise InvalidImage(
+            f"undecodable bytes: {type(error).__name__}: {_stable(error)}") from error
     if image.mode not in _CONVERTIBLE_MODES:
         raise InvalidImage(f"unsupported mode {image.mode}")
     if image.mode.startswith("I"):
@@ -66,17 +74,16 @@ def validate_pixels(pixels, *, min_size):
     return np.ascontiguousarray(pixels)
 
 
-def resize_and_center_crop(pixels, size):
-    """Resizes the shorter side to ``size`` (bicubic) and crops the centre ``size x size``."""
+def square_and_resize(pixels, size=None):
+    """The project's one resize policy (``pipeline.image_policy``): the largest centred square,
+    resized to ``size`` x ``size`` when given.  Images already square and at size are
+    returned as they are, without calling TensorFlow."""
     height, width = pixels.shape[:2]
-    if (height, width) == (size, size):
+    if height == width and size in (None, height):
         return pixels
-    scale = size / min(height, width)
-    new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
-    resized = np.asarray(Image.fromarray(pixels).resize((new_width, new_height),
-                                                        Image.Resampling.BICUBIC))
-    top, left = (new_height - size) // 2, (new_width - size) // 2
-    return np.ascontiguousarray(resized[top:top + size, left:left + size])
+    from pipeline.image_policy import square_crop_and_resize  # TensorFlow: only when needed
+
+    return np.ascontiguousarray(square_crop_and_resize(pixels, size).numpy())
 
 
 def encode_png(pixels, compress_level=3):

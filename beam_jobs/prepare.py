@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import sys
 
@@ -42,7 +43,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_jobs.images import (InvalidImage, decode_image, encode_png, resize_and_center_crop,
+from beam_jobs.images import (InvalidImage, decode_image, encode_png, square_and_resize,
                               validate_pixels)
 from beam_jobs.sources import source_transform
 from beam_jobs.tfrecord import encode_record
@@ -130,8 +131,7 @@ class ToExample(beam.DoFn):
         try:
             pixels = item["pixels"] if item["data"] is None else decode_image(item["data"])
             pixels = validate_pixels(pixels, min_size=self.min_size)
-            if self.image_size:
-                pixels = resize_and_center_crop(pixels, self.image_size)
+            pixels = square_and_resize(pixels, self.image_size)
             png = encode_png(pixels)
         except InvalidImage as error:
             yield beam.pvalue.TaggedOutput(self.DEAD, {
@@ -243,8 +243,9 @@ def build_parser():
                              "local or gs://...) or 'tfds:NAME[:SPLIT,SPLIT]'")
     parser.add_argument("--output", required=True, help="output folder (local or gs://...)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="resize the shorter side to N and centre-crop NxN "
-                             "(default: keep the size, which must then be the same for all)")
+                        help="centre-crop the largest square, then resize it to NxN (bicubic); "
+                             "default: the square as it is, whose size must then be the same "
+                             "for all images")
     parser.add_argument("--num-shards", type=int, default=None,
                         help="shards per split (default: one per 64 MiB of encoded images)")
     parser.add_argument("--test-fraction", type=float, default=0.2,
@@ -273,6 +274,15 @@ def _check_args(args):
         raise ValueError(f"--min-size must be >= 1, received {args.min_size}")
 
 
+def _beam_temp_folders(output):
+    """``beam-temp-*`` folders directly under ``output`` (local paths; on object stores they
+    are prefixes, matched above with the files under them)."""
+    if "://" in output or not os.path.isdir(output):
+        return []
+    return [os.path.join(output, name) for name in os.listdir(output)
+            if name.startswith("beam-temp-") and os.path.isdir(os.path.join(output, name))]
+
+
 def _prepare_output(output, overwrite):
     """Refuses to replace a dataset without ``--overwrite``; clears what a past run left."""
     manifest = FileSystems.join(output, MANIFEST_NAME)
@@ -286,8 +296,12 @@ def _prepare_output(output, overwrite):
         stale = [m.path for m in FileSystems.match([FileSystems.join(output, "*")])[0].metadata_list
                  if _SHARD_NAME.match(m.path.rsplit("/", 1)[-1])
                  or m.path.rsplit("/", 1)[-1].startswith(DEAD_LETTER_PREFIX + "-")]
+        # Beam's WriteToText stages in beam-temp-* folders; a killed run leaves them behind.
+        stale += [m.path.rstrip("/") for m in FileSystems.match(
+            [FileSystems.join(output, "beam-temp-*")])[0].metadata_list]
+        stale += _beam_temp_folders(output)
         if stale:
-            FileSystems.delete(stale)
+            FileSystems.delete(sorted(set(stale)))
     else:
         FileSystems.mkdirs(output)
 

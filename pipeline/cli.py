@@ -122,7 +122,8 @@ def build_parser():
 
     demo = subcommands.add_parser(
         "demo", help="end to end on the bundled digits: prepare, train, evaluate, export")
-    demo.add_argument("--workdir", default="runs/demo", help="replaced if it exists")
+    demo.add_argument("--workdir", default="runs/demo",
+                      help="replaced if an earlier demo made it; any other folder is refused")
     demo.add_argument("--epochs", type=int, help="pre-training epochs (default: the config's)")
     demo.set_defaults(handler=_demo)
 

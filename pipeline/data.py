@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import augment, splits
-from pipeline.prepared_dataset import read_split
+from pipeline.prepared_dataset import DatasetError, read_split
 
 CACHE_LIMIT_BYTES = 4 * 2 ** 30
 
@@ -31,6 +31,11 @@ def channel_statistics(manifest):
     divide by zero.  Training, the TensorBoard previews and the export all use these.
     """
     stats = manifest["train_statistics"]
+    if not stats:
+        raise DatasetError(
+            f"the dataset at {manifest.get('directory')} has no 'train' split (it has "
+            f"{sorted(manifest['splits'])}), so it has no channel statistics to normalise with; "
+            f"prepare it with a train/ folder, or with --test-fraction to split a class folder")
     return (np.asarray(stats["mean"], np.float32),
             np.maximum(np.asarray(stats["std"], np.float32), np.float32(0.255)))
 

@@ -14,9 +14,16 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "digits_small.yaml")
 
 
+DEMO_MARKER = ".ascl-demo"
+
+
 def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False,
              export_dir="saved_models"):
-    """Runs the demo under ``workdir`` (replaced if present); returns the summary dict."""
+    """Runs the demo under ``workdir``; returns the summary dict.
+
+    A ``workdir`` the demo made before (it holds ``.ascl-demo``) is replaced; any other
+    non-empty folder is refused, so a mistyped ``--workdir`` never deletes a user's files.
+    """
     from beam_jobs.prepare import run as prepare
     from pipeline.config import load_config
     from pipeline.evaluate import evaluate_run
@@ -24,8 +31,16 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False,
     from pipeline.train import train
 
     start = time.perf_counter()
-    if os.path.exists(workdir):
+    marker = os.path.join(workdir, DEMO_MARKER)
+    if os.path.exists(workdir) and os.listdir(workdir):
+        if not os.path.exists(marker):
+            raise FileExistsError(
+                f"{workdir} exists and was not made by `ascl demo` (no {DEMO_MARKER} in it); "
+                f"the demo replaces its workdir, so pass another --workdir or remove it yourself")
         shutil.rmtree(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(marker, "w") as handle:
+        handle.write("made by `ascl demo`, which replaces this folder on its next run\n")
     dataset_dir = os.path.join(workdir, "digits16")
     run_dir = os.path.join(workdir, "run")
     say = (lambda *a: None) if quiet else print

@@ -7,8 +7,9 @@ signatures, built with Keras 3's ``keras.export.ExportArchive``:
   bytes; the ``_bytes`` suffix lets the REST API take ``{"b64": ...}``) ->
   ``embedding`` (``float32 [None, F]``, L2-normalised backbone features) and
   ``projection`` (``float32 [None, D]``, L2-normalised projector output).
-  Decoding, resizing (shorter side, then centre crop, as the preparation job
-  does) and normalisation with the dataset's mean and std run in the graph.
+  Decoding, resizing (``pipeline.image_policy``: the largest centred square,
+  resized, exactly as the preparation job does it) and normalisation with the
+  dataset's mean and std run in the graph.
 * ``embed_pixels``: ``images`` (``uint8 [None, H, W, 3]``) -> the same outputs.
 
 Only the query-side backbone and projector are exported, not the training
@@ -31,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.data import channel_statistics
+from pipeline.image_policy import square_crop_and_resize
 from pipeline.run_dir import checkpoint_info, load_trained_model
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -43,21 +45,10 @@ def _next_version(model_dir):
     return max(versions, default=0) + 1
 
 
-def _preprocess_bytes(image_bytes, height, width):
-    """Decode one image and resize its shorter side then centre-crop to ``height x width``."""
+def _preprocess_bytes(image_bytes, size):
+    """Decodes one image and brings it to the training size with the preparation's policy."""
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-
-    def resize_and_crop():
-        shape = tf.cast(tf.shape(image)[:2], tf.float32)
-        scale = tf.maximum(height / shape[0], width / shape[1])
-        new_size = tf.cast(tf.math.ceil(shape * scale), tf.int32)
-        resized = tf.image.resize(image, new_size, method="bicubic", antialias=True)
-        cropped = tf.image.resize_with_crop_or_pad(resized, height, width)
-        return tf.cast(tf.clip_by_value(tf.round(cropped), 0, 255), tf.uint8)
-
-    # Images already at the training size (the common case) skip the resize entirely.
-    same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
-    return tf.ensure_shape(tf.cond(same, lambda: image, resize_and_crop), [height, width, 3])
+    return square_crop_and_resize(image, size)
 
 
 def build_export_archive(backbone, projector, manifest):
@@ -73,20 +64,20 @@ def build_export_archive(backbone, projector, manifest):
                 "projection": tf.math.l2_normalize(projection, axis=1)}
 
     def serve_bytes(image_bytes):
-        images = tf.map_fn(lambda b: _preprocess_bytes(b, height, width), image_bytes,
+        images = tf.map_fn(lambda b: _preprocess_bytes(b, height), image_bytes,
                            fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8))
         return outputs(images)
 
     def serve_pixels(images):
-        shape = tf.shape(images)
-        well_formed = tf.cond(tf.equal(tf.size(shape), 4),
-                              lambda: tf.reduce_all(tf.equal(shape[1:], [height, width, 3])),
-                              lambda: tf.constant(False))
+        # The signature declares [None, H, W, 3], but a loaded SavedModel (and TF Serving)
+        # may still be fed another shape. Its static shape is the declared one, so rank and
+        # dims checks would be folded away; the element count is only known at run time.
+        well_formed = tf.equal(tf.size(images), tf.shape(images)[0] * height * width * 3)
         check = tf.debugging.Assert(well_formed, [
             f"embed_pixels expects uint8 images of shape [batch, {height}, {width}, 3]; "
-            "received shape", shape])
+            "received", tf.size(images), "values for a batch of", tf.shape(images)[0]])
         with tf.control_dependencies([check]):
-            return outputs(tf.ensure_shape(tf.identity(images), [None, height, width, 3]))
+            return outputs(tf.identity(images))
 
     archive = keras.export.ExportArchive()
     archive.track(backbone)
@@ -94,7 +85,8 @@ def build_export_archive(backbone, projector, manifest):
     archive.add_endpoint("serving_default", serve_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.add_endpoint("embed_pixels", serve_pixels,
-                         input_signature=[tf.TensorSpec(None, tf.uint8, name="images")])
+                         input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8,
+                                                        name="images")])
     return archive
 
 
@@ -163,7 +155,8 @@ def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="save
         raise ValueError(f"--name must be letters, digits, '.', '_' or '-', received {name!r}")
     model, _, manifest = load_trained_model(run_dir, checkpoint)
     model_dir = os.path.join(base_dir, name)
-    version = version or _next_version(model_dir)
+    if version is None:
+        version = _next_version(model_dir)
     if version < 1:
         raise ValueError(f"--version must be >= 1, received {version}")
     final = os.path.join(model_dir, str(version))

@@ -83,6 +83,7 @@ def _check_dataset(config, manifest):
         if split not in manifest["splits"]:
             raise ConfigError(f"{key} is {split!r} but the dataset at {config.data.dataset} has "
                               f"splits {sorted(manifest['splits'])}")
+    data.channel_statistics(manifest)  # a dataset without a train split fails here, clearly
     train_selection, validation = training_selections(config, manifest)
     available = train_selection.count(manifest)
     steps = available // config.optimizer.batch_size

@@ -172,6 +172,29 @@ def test_two_runs_write_byte_identical_shards(prepared, image_tree, tmp_path):
         for shard in first["splits"][split]["shards"]:
             assert (output / shard["file"]).read_bytes() == (
                 tmp_path / "again" / shard["file"]).read_bytes()
+    # every other output too, but the manifest's creation time
+    assert sorted(p.name for p in output.iterdir()) == sorted(
+        p.name for p in (tmp_path / "again").iterdir())
+    for path in output.iterdir():
+        if path.name != "manifest.json":
+            assert path.read_bytes() == (tmp_path / "again" / path.name).read_bytes(), path.name
+    dead = (output / "dead_letters-00000-of-00001.jsonl").read_text()
+    assert " at 0x" not in dead and "undecodable" in dead
+    manifests = [json.loads((folder / "manifest.json").read_text())
+                 for folder in (output, tmp_path / "again")]
+    for manifest in manifests:
+        manifest.pop("created")
+    assert manifests[0] == manifests[1]
+
+
+def test_leftovers_of_a_killed_run_are_cleaned(image_tree, tmp_path):
+    root, _ = image_tree
+    output = tmp_path / "out"
+    leftover = output / "beam-temp-dead_letters-0123456789abcdef"
+    leftover.mkdir(parents=True)
+    (leftover / "part").write_text("half-written")
+    run(["--source", f"folder:{root}", "--output", str(output), "--num-shards", "3"])
+    assert not [p for p in output.iterdir() if p.name.startswith("beam-temp-")]
 
 
 def test_existing_dataset_is_refused_unless_overwrite(image_tree, tmp_path):

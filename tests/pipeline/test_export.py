@@ -73,6 +73,8 @@ def test_embed_pixels_matches_and_bad_input_is_rejected(exported, digits16):
     embed = model.signatures["embed_pixels"]
     np.testing.assert_allclose(embed(images=tf.constant(images))["embedding"].numpy(),
                                _expected(run_dir, images), atol=1e-5)
+    spec = embed.structured_input_signature[1]["images"]
+    assert spec.shape.as_list() == [None, 16, 16, 3] and spec.dtype == tf.uint8
     with pytest.raises(tf.errors.InvalidArgumentError, match="shape \\[batch, 16, 16, 3\\]"):
         embed(images=tf.zeros([2, 16, 16], tf.uint8))
     with pytest.raises(tf.errors.InvalidArgumentError, match="shape \\[batch, 16, 16, 3\\]"):
@@ -86,11 +88,39 @@ def test_embed_pixels_matches_and_bad_input_is_rejected(exported, digits16):
     assert serve(image_bytes=tf.constant(_png_batch(digits16, 2)[1]))["embedding"].shape == (2, 128)
 
 
-def test_bytes_of_other_sizes_are_resized_in_the_graph(exported):
-    _, _, path = exported
-    big = tf.io.encode_jpeg(tf.cast(tf.random.uniform([40, 30, 3], 0, 255), tf.uint8)).numpy()
-    out = tf.saved_model.load(path).signatures["serving_default"](image_bytes=tf.constant([big]))
-    assert out["embedding"].shape == (1, 128)
+def test_off_size_images_get_the_same_pixels_in_preparation_and_serving(exported, tmp_path):
+    """Train/serve skew: a non-square, off-size image is prepared by the Beam job and sent as
+    bytes to serving_default; both must produce the same 16 px image (within 1 grey level)."""
+    from beam_jobs.prepare import run as prepare
+    from PIL import Image
+    from pipeline.prepared_dataset import load_manifest, read_split
+
+    run_dir, _, path = exported
+    rng = np.random.default_rng(3)
+    coarse = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    photo = np.asarray(coarse.resize((70, 41), Image.BICUBIC))  # 41 x 70, not square
+    (tmp_path / "raw" / "train" / "a").mkdir(parents=True)
+    Image.fromarray(photo).save(tmp_path / "raw" / "train" / "a" / "0.png")
+    prepare(["--source", f"folder:{tmp_path / 'raw'}", "--output", str(tmp_path / "prepared"),
+             "--image-size", "16"])
+    prepared = next(read_split(load_manifest(str(tmp_path / "prepared")), "train")
+                    .as_numpy_iterator())[0]
+    png = tf.io.encode_png(photo).numpy()
+    served = tf.saved_model.load(path).signatures["serving_default"](image_bytes=tf.constant([png]))
+    _, _, manifest = load_trained_model(run_dir, "last")
+    stats = manifest["train_statistics"]
+    model, _, _ = load_trained_model(run_dir, "last")
+    features = model.backbone(((prepared[None].astype(np.float32) - np.array(stats["mean"]))
+                               / np.array(stats["std"])).astype(np.float32), training=False)
+    np.testing.assert_allclose(served["embedding"].numpy(),
+                               tf.math.l2_normalize(features, axis=1).numpy(), atol=1e-4)
+    from pipeline.export import _preprocess_bytes
+
+    in_graph = _preprocess_bytes(tf.constant(png), 16).numpy().astype(int)
+    assert np.abs(in_graph - prepared.astype(int)).max() <= 1
+    # the policy: the centred 41 x 41 square, resized; not the whole image squeezed
+    squeezed = np.asarray(Image.fromarray(photo).resize((16, 16), Image.BICUBIC), int)
+    assert np.abs(squeezed - prepared.astype(int)).mean() > 5
 
 
 def test_saved_model_cli_lists_both_signatures(exported):
@@ -136,3 +166,10 @@ def test_export_defaults_to_last_and_records_it(exported, tmp_path):
     # that run had no kNN monitor, so no `best`: asking for it is a clear error
     with pytest.raises(FileNotFoundError, match="has no best checkpoint"):
         export_run(run_dir, name="digits", checkpoint="best", base_dir=str(tmp_path))
+
+
+def test_version_zero_is_rejected_not_taken_as_next(exported, tmp_path):
+    run_dir, _, _ = exported
+    with pytest.raises(ValueError, match="--version must be >= 1, received 0"):
+        export_run(run_dir, name="digits", version=0, base_dir=str(tmp_path))
+    assert not (tmp_path / "digits").exists() or not os.listdir(tmp_path / "digits")

@@ -233,3 +233,22 @@ def test_runs_made_by_the_previous_version_still_evaluate(trained_run, tmp_path)
     from pipeline.run_dir import load_run_config
 
     assert load_run_config(run_dir).evaluation.linear_milestones == pytest.approx([2 / 3, 5 / 6])
+
+
+def test_a_dataset_without_a_train_split_fails_with_a_clear_error(tmp_path):
+    from PIL import Image
+
+    from beam_jobs.prepare import run as prepare
+    from pipeline.prepared_dataset import DatasetError, load_manifest
+
+    for index in range(4):
+        folder = tmp_path / "raw" / "test" / f"c{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), index * 40, np.uint8)).save(folder / f"{index}.png")
+    prepare(["--source", f"folder:{tmp_path / 'raw'}", "--output", str(tmp_path / "data")])
+    manifest = load_manifest(str(tmp_path / "data"))
+    config = _config(manifest, "data.train_split=test", "data.validation_size=0",
+                     "optimizer.batch_size=4", "model.bn_splits=2", "data.train_limit=0")
+    with pytest.raises(DatasetError, match="has no 'train' split"):
+        train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
