@@ -165,3 +165,25 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+
+
+class BackupUnlessDiverged(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` that never backs up a diverged model.
+
+    When ``StopOnNaN`` stops training, Keras still runs every callback's
+    ``on_epoch_end``; the stock callback would then save the NaN weights as the
+    next epoch's backup, and a rerun would resume from them.  Here the last
+    good backup is left as it is.
+    """
+
+    def __init__(self, backup_dir, nan_guard, **kwargs):
+        super().__init__(backup_dir, **kwargs)
+        self.nan_guard = nan_guard
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.nan_guard.message:
+            super().on_train_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.nan_guard.message:
+            super().on_epoch_end(epoch, logs)

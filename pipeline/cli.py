@@ -44,7 +44,7 @@ def _train(args):
         if getattr(args, flag) is not None:
             sets.append(f"{key}={getattr(args, flag)}")
     config = load_config(args.config, sets)
-    summary = train(config, args.run_dir)
+    summary = train(config, args.run_dir, allow_config_change=args.allow_config_change)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -97,6 +97,10 @@ def build_parser():
     train.add_argument("--mixed-precision", choices=["none", "mixed_bfloat16", "mixed_float16"])
     train.add_argument("--jit-compile", choices=["auto", "on", "off"], help="XLA")
     train.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume a run although its settings changed (recorded in "
+                            "RUN/config_changes.jsonl); without it only a larger "
+                            "train.epochs is accepted")
     train.set_defaults(handler=_train)
 
     evaluate = subcommands.add_parser(

@@ -14,6 +14,7 @@ A run directory holds everything a run makes::
 Nothing is created before the configuration and the dataset have been checked.
 """
 
+import datetime
 import json
 import os
 
@@ -26,10 +27,6 @@ from pipeline import data, splits
 from pipeline.config import ConfigError, dump_config
 from pipeline.prepared_dataset import load_manifest
 from pipeline.run_dir import build_model
-
-# Sections a resumed run must share with the run it continues.
-_EXPERIMENT_SECTIONS = ("data", "model", "ascl")
-
 
 class TrainingError(RuntimeError):
     """Training could not finish (divergence, incompatible resume); the message says why."""
@@ -96,31 +93,63 @@ def _check_dataset(config, manifest):
     return steps, train_selection, validation
 
 
-def _check_resume(config, run_dir):
+def _flatten(config_dict):
+    return {f"{section}.{key}": value for section, values in config_dict.items()
+            for key, value in (values or {}).items()}
+
+
+# Keys a resumed run may change freely: they alter what is printed, not what is computed.
+_PRESENTATION_KEYS = {"train.verbose"}
+
+
+def _check_resume(config, run_dir, allow_config_change):
+    """Compares ``config`` with the run's recorded one; returns ``{key: [old, new]}``.
+
+    A resumed run continues the recorded schedule, data order and optimiser state, so any
+    change except a larger ``train.epochs`` (the schedule is stretched to the new end) is
+    refused unless ``allow_config_change``.
+    """
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
-        return
+        return {}
     with open(path) as handle:
-        previous = yaml.safe_load(handle) or {}
-    current = config.to_dict()
-    for section in _EXPERIMENT_SECTIONS:
-        if previous.get(section) != current[section]:
-            changed = sorted(k for k in current[section]
-                             if previous.get(section, {}).get(k) != current[section][k])
-            raise TrainingError(
-                f"{run_dir} holds a run of a different experiment ({section}."
-                f"{', '.join(changed)} changed); use a new --run-dir or restore the config")
+        previous = _flatten(yaml.safe_load(handle) or {})
+    current = _flatten(config.to_dict())
+    changes = {key: [previous.get(key), current.get(key)] for key in sorted(set(previous)
+               | set(current)) if previous.get(key) != current.get(key)
+               and key not in _PRESENTATION_KEYS}
+    refused = {key: change for key, change in changes.items()
+               if not (key == "train.epochs" and (change[0] or 0) <= change[1])}
+    if refused and not allow_config_change:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+        raise TrainingError(
+            f"{run_dir} holds a run with another configuration ({listed}). Resuming continues "
+            f"its schedule, data order and optimiser state, so only a larger train.epochs may "
+            f"change; use a new --run-dir, restore the settings, or pass --allow-config-change")
+    return changes
+
+
+def _record_config_change(run_dir, changes, allowed):
+    """Appends what changed on resume to ``RUN/config_changes.jsonl``."""
+    record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "changes": changes, "allowed_by": allowed}
+    with open(os.path.join(run_dir, "config_changes.jsonl"), "a") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def _jit(setting):
     return {"auto": "auto", "on": True, "off": False}[setting]
 
 
-def train(config, run_dir, *, strategy=None, extra_callbacks=()):
-    """Pre-trains (or resumes) the run in ``run_dir``; returns the summary dict."""
+def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_change=False):
+    """Pre-trains (or resumes) the run in ``run_dir``; returns the summary dict.
+
+    Resuming with a changed configuration is refused (``_check_resume``) unless
+    ``allow_config_change``; an accepted change is recorded in ``config_changes.jsonl``.
+    """
     manifest = load_manifest(config.data.dataset)
     steps_per_epoch, train_selection, validation = _check_dataset(config, manifest)
-    _check_resume(config, run_dir)
+    changes = _check_resume(config, run_dir, allow_config_change)
     t = config.train
     strategy = strategy or resolve_strategy(t.strategy)
     keras.utils.set_random_seed(t.seed)
@@ -130,6 +159,10 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=()):
     paths = {name: os.path.join(run_dir, name) for name in ("checkpoints", "backup", "tensorboard")}
     for path in paths.values():
         os.makedirs(path, exist_ok=True)
+    if changes:
+        _record_config_change(run_dir, changes, "--allow-config-change" if allow_config_change
+                              and any(key != "train.epochs" for key in changes)
+                              else "a larger train.epochs")
     dump_config(config, os.path.join(run_dir, "config.yaml"))
 
     def dataset_fn(input_context=None):
@@ -162,7 +195,7 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=()):
         best_path=os.path.join(paths["checkpoints"], "best.weights.h5"))
     callback_list = [
         nan_guard,
-        keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=False),
+        run_callbacks.BackupUnlessDiverged(paths["backup"], nan_guard, delete_checkpoint=False),
         # before the kNN monitor, so that epoch time is training time only
         run_callbacks.RunStats(steps_per_epoch * config.optimizer.batch_size),
         knn_monitor,

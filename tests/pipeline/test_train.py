@@ -206,10 +206,62 @@ def test_bad_config_or_dataset_fails_before_writing_anything(digits16, tmp_path)
     assert not run_dir.exists()
 
 
-def test_resuming_a_different_experiment_is_refused(trained_run, digits16):
-    run_dir, _ = trained_run
-    with pytest.raises(TrainingError, match="different experiment.*ascl.mode"):
-        train(_config(digits16, "train.epochs=2", "ascl.mode=moco"), run_dir)
+def test_resuming_with_changed_settings_is_refused_unless_allowed(digits16, tmp_path):
+    config = _config(digits16, "train.epochs=1", "train.knn_every=0", "train.view_images=0")
+    run_dir = str(tmp_path / "run")
+    train(config, run_dir)
+    for change in ("ascl.mode=moco", "optimizer.lr=0.5", "optimizer.batch_size=32",
+                   "train.epochs=0" if False else "data.crop_min_scale=0.5"):
+        key = change.split("=")[0]
+        with pytest.raises(TrainingError, match=f"another configuration \\({key}: "):
+            train(_config(digits16, "train.epochs=1", "train.knn_every=0",
+                          "train.view_images=0", change), run_dir)
+    assert not os.path.exists(os.path.join(run_dir, "config_changes.jsonl"))
+    # a larger train.epochs is accepted, and recorded
+    train(_config(digits16, "train.epochs=2", "train.knn_every=0", "train.view_images=0"),
+          run_dir)
+    # anything else only when allowed, and recorded
+    train(_config(digits16, "train.epochs=2", "train.knn_every=0", "train.view_images=0",
+                  "optimizer.lr=0.5"), run_dir, allow_config_change=True)
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "config_changes.jsonl"))]
+    assert records[0]["changes"] == {"train.epochs": [1, 2]}
+    assert records[0]["allowed_by"] == "a larger train.epochs"
+    assert records[1]["changes"] == {"optimizer.lr": [0.06, 0.5]}
+    assert records[1]["allowed_by"] == "--allow-config-change"
+
+
+class _PoisonAt(keras.callbacks.Callback):
+    """Forces divergence: a weight becomes NaN before the given step of the given epoch."""
+
+    def __init__(self, epoch, step):
+        super().__init__()
+        self.epoch, self.step, self._current = epoch, step, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._current == self.epoch and batch == self.step:
+            # the projector's last weight: no ReLU after it to turn NaN into 0
+            weight = self.model.query_encoder.trainable_weights[-1]
+            weight.assign(np.full(weight.shape, np.nan, weight.dtype))
+
+
+def test_divergence_leaves_the_last_good_backup_and_a_rerun_resumes_from_it(digits16, tmp_path):
+    config = _config(digits16, "train.epochs=3", "train.knn_every=0", "train.view_images=0",
+                     "train.checkpoint_every=100")
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(TrainingError, match="training diverged.*epoch 2"):
+        train(config, run_dir, extra_callbacks=[_PoisonAt(epoch=1, step=2)])
+    backup = os.path.join(run_dir, "backup")
+    metadata = json.load(open(os.path.join(backup, "training_metadata.json")))
+    assert metadata["epoch"] == 1  # the diverged epoch 2 was not backed up
+    restored = build_model(config, digits16)
+    restored.load_weights(os.path.join(backup, "latest.weights.h5"))
+    assert all(np.all(np.isfinite(w.numpy())) for w in restored.weights)
+    state = _StateAtStart()
+    summary = train(config, run_dir, extra_callbacks=[state])
+    assert state.iterations == 512 // 64 and np.isfinite(summary["final"]["loss"])
 
 
 def test_runs_made_by_the_previous_version_still_evaluate(trained_run, tmp_path):
