@@ -24,6 +24,7 @@ the global batch.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from models.objective import ascl_targets, contrastive_logits, soft_cross_entropy
@@ -127,7 +128,11 @@ class ASCLModel(keras.Model):
             dtype="float32", trainable=False, autocast=False, name="queue")
         self.queue_pointer = self.add_weight(
             shape=(), initializer="zeros", dtype="int64", trainable=False, name="queue_pointer")
-        self._shuffle_seed = keras.random.SeedGenerator(seed, name="key_shuffle_seed")
+        # Key shuffles are stateless, seeded by (seed, optimiser step): a run restored from
+        # its weights and optimiser (BackupAndRestore) continues the same shuffles, which a
+        # SeedGenerator's state, not part of the saved weights, would not.
+        self._shuffle_base = int(seed) if seed is not None else int(
+            np.random.default_rng().integers(2 ** 31))
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.confidence_tracker = keras.metrics.Mean(name="confidence")
@@ -169,7 +174,9 @@ class ASCLModel(keras.Model):
     def _encode_keys(self, weak):
         if self.shuffle_keys:
             size = weak.shape[0] if weak.shape[0] is not None else tf.shape(weak)[0]
-            order = tf.argsort(keras.random.uniform((size,), seed=self._shuffle_seed))
+            step = tf.cast(self.optimizer.iterations, tf.int64)
+            order = tf.argsort(tf.random.stateless_uniform(
+                (size,), seed=tf.stack([tf.constant(self._shuffle_base, tf.int64), step])))
             keys = self.key_encoder(tf.gather(weak, order), training=True)
             keys = tf.gather(keys, tf.argsort(order))
         else:

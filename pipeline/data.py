@@ -86,7 +86,7 @@ def _batch_seeds(seed, input_context):
 
 def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_context=None,
                      strong_key=False, blur=True, crop_scale=(0.2, 1.0), flip=True,
-                     shuffle_buffer=10_000, cache=True):
+                     shuffle_buffer=10_000, cache=True, skip_batches=0):
     """Two-view batches for ``ASCLModel.fit``.
 
     Args:
@@ -105,6 +105,10 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
       shuffle_buffer: examples in the shuffle buffer when the split is not
         cached; a cached split is shuffled whole every epoch.
       cache: keep decoded images in memory when they fit (4 GiB).
+      skip_batches: batches a resumed run has already trained on (epochs done x
+        steps per epoch): they are drawn and dropped before any view is computed,
+        so the run continues with exactly the batches and augmentation seeds an
+        uninterrupted run would see next.
 
     The order: a cached split (per input pipeline) is shuffled whole, anew every
     epoch; a split too large to cache is read in a file order reshuffled every
@@ -139,6 +143,7 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
                .batch(per_replica, drop_remainder=True)
                .repeat())
     return (tf.data.Dataset.zip(batches, _batch_seeds(seed, input_context))
+            .skip(skip_batches)
             .map(views, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE))
 

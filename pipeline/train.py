@@ -137,6 +137,16 @@ def _record_config_change(run_dir, changes, allowed):
         handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def _epochs_in_backup(backup_dir):
+    """Epochs a previous run of this run directory finished (0 for a new run), as recorded
+    by ``BackupAndRestore``, which restores the model to that point."""
+    path = os.path.join(backup_dir, "training_metadata.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as handle:
+        return int(json.load(handle)["epoch"])
+
+
 def _jit(setting):
     return {"auto": "auto", "on": True, "off": False}[setting]
 
@@ -165,13 +175,16 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
                               else "a larger train.epochs")
     dump_config(config, os.path.join(run_dir, "config.yaml"))
 
-    def dataset_fn(input_context=None):
+    done_epochs = _epochs_in_backup(paths["backup"])
+
+    def dataset_fn(input_context=None, skip_batches=done_epochs * steps_per_epoch):
         return data.pretrain_dataset(
             manifest, batch_size=config.optimizer.batch_size, seed=t.seed,
             split=train_selection, input_context=input_context,
             strong_key=config.data.key_view == "strong", blur=config.data.blur,
             crop_scale=(config.data.crop_min_scale, 1.0), flip=config.data.flip,
-            shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache)
+            shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache,
+            skip_batches=skip_batches)
 
     if strategy.num_replicas_in_sync > 1:
         dataset = strategy.distribute_datasets_from_function(dataset_fn)
@@ -207,7 +220,7 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
         *extra_callbacks,
     ]
     if t.view_images:
-        preview = next(iter(dataset_fn().take(1)))
+        preview = next(iter(dataset_fn(skip_batches=0).take(1)))
         callback_list.append(run_callbacks.ViewImages(
             {k: v.numpy() for k, v in preview.items()}, paths["tensorboard"], t.view_images,
             manifest))
