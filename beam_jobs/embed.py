@@ -14,6 +14,7 @@ projector folder for a sample.  Other flags are Beam ``PipelineOptions``.
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -73,8 +74,11 @@ def _example_to_item(record):
 
 
 class _ToPixels(beam.DoFn):
-    def __init__(self, size):
-        self.size = size
+    """Decodes a folder's image; its label is its class folder's index in the export's classes
+    (-1 when the folder is not one of them, or there is none)."""
+
+    def __init__(self, size, class_names):
+        self.size, self.class_names = size, list(class_names)
 
     def process(self, item):
         try:
@@ -84,7 +88,32 @@ class _ToPixels(beam.DoFn):
             yield beam.pvalue.TaggedOutput("dead", {"path": item["source_path"],
                                                     "reason": str(error)})
             return
-        yield json.dumps({"id": item["id"], "label": -1, "class_name": item["class_name"]}), pixels
+        label = (self.class_names.index(item["class_name"])
+                 if item["class_name"] in self.class_names else -1)
+        yield json.dumps({"id": item["id"], "label": label,
+                          "class_name": item["class_name"]}, sort_keys=True), pixels
+
+
+def _sample_rank(key):
+    """A fixed pseudo-random rank of an embedding's id: the projector sample is the ids with
+    the smallest ranks, the same on every run (Beam's Sample is random)."""
+    example_id = json.loads(key)["id"]
+    return int.from_bytes(hashlib.sha256(example_id.encode("utf-8")).digest()[:8], "big")
+
+
+def _prepare_output(output, overwrite):
+    """Refuses a non-empty output folder unless ``overwrite``; then empties it."""
+    if not FileSystems.exists(output):
+        FileSystems.mkdirs(output)
+        return
+    existing = [m.path for m in FileSystems.match([f"{output}/*"])[0].metadata_list]
+    if existing and not overwrite:
+        names = sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in existing)
+        raise FileExistsError(f"{output} is not empty ({', '.join(names[:5])}"
+                              f"{', ...' if len(names) > 5 else ''}); pass --overwrite to "
+                              f"replace what is there, or choose another --output")
+    if existing:
+        FileSystems.delete(existing)
 
 
 def _to_example(key, embedding):
@@ -136,6 +165,8 @@ def build_parser():
     parser.add_argument("--projector-samples", type=int, default=500,
                         help="embeddings written for TensorBoard's projector (0: none)")
     parser.add_argument("--batch-size", type=int, default=256, help="largest inference batch")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the contents of a non-empty --output")
     return parser
 
 
@@ -148,15 +179,15 @@ def run(argv=None):
     if options.view_as(StandardOptions).runner is None:
         options.view_as(StandardOptions).runner = "DirectRunner"
     output = args.output.rstrip("/")
-    if not FileSystems.exists(output):
-        FileSystems.mkdirs(output)
+    _prepare_output(output, args.overwrite)
     handler = KeyedModelHandler(SavedModelHandler(
         args.model, inference_fn=embed_pixels_inference, max_batch_size=args.batch_size))
 
     with beam.Pipeline(options=options) as pipeline:
         if args.input.startswith("folder:"):
             items = pipeline | "Read" >> ReadFolder(args.input[len("folder:"):], test_fraction=0.0)
-            decoded = items | "Decode" >> beam.ParDo(_ToPixels(height)).with_outputs(
+            decoded = items | "Decode" >> beam.ParDo(
+                _ToPixels(height, info["class_names"])).with_outputs(
                 "dead", main="valid")
             pixels = decoded.valid
             (decoded.dead | "DeadToJson" >> beam.Map(json.dumps)
@@ -193,7 +224,8 @@ def run(argv=None):
                                                         file_name_suffix=".parquet"))
         if args.projector_samples:
             (embeddings
-             | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(args.projector_samples)
+             | "Sample" >> beam.combiners.Top.Of(args.projector_samples,
+                                                 key=lambda kv: _sample_rank(kv[0]), reverse=True)
              | "WriteProjector" >> beam.ParDo(_WriteProjector(f"{output}/projector",
                                                               info["class_names"])))
         count = embeddings | "Count" >> beam.combiners.Count.Globally()

@@ -248,6 +248,11 @@ def build_parser():
                              "for all images")
     parser.add_argument("--num-shards", type=int, default=None,
                         help="shards per split (default: one per 64 MiB of encoded images)")
+    parser.add_argument("--layout", default="auto", choices=["auto", "split/class", "class"],
+                        help="folder sources: PATH/<split>/<class>/<file>, PATH/<class>/<file> "
+                             "(hashed test split), or auto: the first when the first folders "
+                             "are split names (train, test, validation, ...); an ambiguous "
+                             "tree is refused with what was found")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="held-out fraction for sources without split folders (default 0.2)")
     parser.add_argument("--min-size", type=int, default=8,
@@ -309,7 +314,8 @@ def _prepare_output(output, overwrite):
 def build_pipeline(pipeline, args):
     """Adds the preparation transforms to ``pipeline``; returns the manifest PCollection."""
     source = source_transform(args.source, test_fraction=args.test_fraction,
-                              tfds_data_dir=args.tfds_data_dir, tfds_slices=args.tfds_slices)
+                              tfds_data_dir=args.tfds_data_dir, tfds_slices=args.tfds_slices,
+                              layout=args.layout)
     items = pipeline | "Read" >> source
     if source.class_names is not None:
         class_names = pipeline | "KnownClasses" >> beam.Create([list(source.class_names)])

@@ -19,6 +19,7 @@ import numpy as np
 from apache_beam.io import fileio
 
 KNOWN_SPLITS = ("train", "test", "validation", "val", "valid", "unlabeled", "unlabelled")
+LAYOUTS = ("auto", "split/class", "class")
 
 
 def hashed_split(key, test_fraction):
@@ -27,17 +28,20 @@ def hashed_split(key, test_fraction):
     return "test" if int.from_bytes(digest[:8], "big") / 2.0 ** 64 < test_fraction else "train"
 
 
-def folder_item(path, root, data, test_fraction):
+def folder_item(path, root, data, test_fraction, layout="auto"):
     """An item for the file at ``path`` under ``root``, its split and class from the tree.
 
-    ``root/<split>/<class>/.../file`` when the first folder is a split name
-    (train, test, validation, ...); ``root/<class>/.../file`` otherwise, with a
-    hashed held-out split; a file directly under ``root`` is unlabelled.
+    ``layout``: ``split/class`` reads ``root/<split>/<class>/.../file``; ``class`` reads
+    ``root/<class>/.../file`` with a hashed held-out split; ``auto`` takes the first form
+    when the first folder is a known split name (train, test, validation, ...), else the
+    second.  A file with no class folder is unlabelled.
     """
     relative = posixpath.relpath(path.replace("\\", "/"), root.replace("\\", "/").rstrip("/"))
     parts = relative.split("/")
-    if len(parts) >= 3 and parts[0] in KNOWN_SPLITS:
-        split, class_name = parts[0], parts[1]
+    by_split = layout == "split/class" or (layout == "auto" and len(parts) >= 3
+                                            and parts[0] in KNOWN_SPLITS)
+    if by_split and len(parts) >= 2:
+        split, class_name = parts[0], parts[1] if len(parts) >= 3 else ""
     else:
         split = hashed_split(relative, test_fraction)
         class_name = parts[0] if len(parts) >= 2 else ""
@@ -45,23 +49,45 @@ def folder_item(path, root, data, test_fraction):
             "data": data, "pixels": None}
 
 
+def check_folder_layout(root, layout):
+    """With ``auto``, refuses a tree whose first-level folders hold class folders but are not
+    known split names (``training/cat/1.jpg``): they would silently become class names.
+    Lists what it found and names the ``--layout`` to pass."""
+    if layout != "auto":
+        return
+    from apache_beam.io.filesystems import FileSystems
+
+    root = root.rstrip("/")
+    nested = FileSystems.match([f"{root}/*/*/*"])[0].metadata_list
+    first_level = sorted({posixpath.relpath(m.path.replace("\\", "/"), root).split("/")[0]
+                          for m in nested})
+    unknown = [name for name in first_level if name not in KNOWN_SPLITS]
+    if unknown:
+        raise ValueError(
+            f"--source folder:{root}: the folders {unknown[:10]} hold sub-folders but are not "
+            f"split names ({', '.join(KNOWN_SPLITS)}), so the layout is ambiguous. Pass "
+            f"--layout split/class if they are splits (PATH/<split>/<class>/<file>) or "
+            f"--layout class if they are classes (PATH/<class>/.../<file>)")
+
+
 class ReadFolder(beam.PTransform):
     """Every file under ``root`` (any Beam filesystem: local, gs://, ...)."""
 
     class_names = None
 
-    def __init__(self, root, *, test_fraction):
+    def __init__(self, root, *, test_fraction, layout="auto"):
         super().__init__()
         self.root = root.rstrip("/")
-        self.test_fraction = test_fraction
+        self.test_fraction, self.layout = test_fraction, layout
+        check_folder_layout(self.root, layout)
 
     def expand(self, pipeline):
-        root, fraction = self.root, self.test_fraction
+        root, fraction, layout = self.root, self.test_fraction, self.layout
         return (pipeline
                 | "MatchFiles" >> fileio.MatchFiles(f"{root}/**")
                 | "ReadMatches" >> fileio.ReadMatches()
                 | "ToItems" >> beam.Map(
-                    lambda f: folder_item(f.metadata.path, root, f.read(), fraction)))
+                    lambda f: folder_item(f.metadata.path, root, f.read(), fraction, layout)))
 
 
 def digit_images():
@@ -172,12 +198,14 @@ class ReadTfds(beam.PTransform):
                     self.name, self.data_dir, self.image_key, self.label_key, self.class_names)))
 
 
-def source_transform(spec, *, test_fraction, tfds_data_dir=None, tfds_slices=8):
+def source_transform(spec, *, test_fraction, tfds_data_dir=None, tfds_slices=8, layout="auto"):
     """The source ``PTransform`` for a ``--source`` value."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout must be one of {list(LAYOUTS)}, received {layout!r}")
     if spec == "digits":
         return ReadDigits(test_fraction=test_fraction)
     if spec.startswith("folder:") and len(spec) > len("folder:"):
-        return ReadFolder(spec[len("folder:"):], test_fraction=test_fraction)
+        return ReadFolder(spec[len("folder:"):], test_fraction=test_fraction, layout=layout)
     if spec.startswith("tfds:") and len(spec) > len("tfds:"):
         return ReadTfds(spec[len("tfds:"):], data_dir=tfds_data_dir, slices=tfds_slices)
     raise ValueError(f"--source must be 'digits', 'folder:PATH' or 'tfds:NAME[:SPLIT,...]', "

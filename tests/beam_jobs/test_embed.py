@@ -58,22 +58,38 @@ def test_prepared_split_is_embedded_once_per_example(exported, digits16, tmp_pat
     projector = os.path.join(output, "projector")
     assert len(open(os.path.join(projector, "vectors.tsv")).read().splitlines()) == 20
     assert os.path.exists(os.path.join(projector, "projector_config.pbtxt"))
+    sample = open(os.path.join(projector, "metadata.tsv")).read()
+
+    # a non-empty output is refused; with --overwrite it is replaced, and the projector's
+    # sample is the same as before (chosen by a hash of the ids, not at random)
+    with pytest.raises(FileExistsError, match="is not empty.*--overwrite"):
+        run(["--model", model_dir, "--input", digits16["directory"], "--split", "test",
+             "--output", output])
+    assert run(["--model", model_dir, "--input", digits16["directory"], "--split", "test",
+                "--output", output, "--projector-samples", "20", "--overwrite"]) == count
+    assert open(os.path.join(projector, "metadata.tsv")).read() == sample
+    assert not [n for n in os.listdir(output) if n.endswith(".parquet")]  # old outputs gone
 
 
 def test_folder_input_with_a_corrupt_file(exported, tmp_path):
     _, _, model_dir = exported
     root = tmp_path / "images"
-    (root / "a").mkdir(parents=True)
+    for folder in ("3", "7", "not_a_digit"):
+        (root / folder).mkdir(parents=True)
     for index in range(3):
         buffer = io.BytesIO()
         Image.fromarray(np.random.default_rng(index).integers(0, 255, (24, 20, 3), np.uint8)).save(
             buffer, format="PNG")
-        (root / "a" / f"{index}.png").write_bytes(buffer.getvalue())
-    (root / "a" / "broken.jpg").write_bytes(b"nope")
+        folder = ("3", "7", "not_a_digit")[index]
+        (root / folder / f"{index}.png").write_bytes(buffer.getvalue())
+    (root / "3" / "broken.jpg").write_bytes(b"nope")
     output = str(tmp_path / "out")
     assert run(["--model", model_dir, "--input", f"folder:{root}", "--output", output,
                 "--projector-samples", "0"]) == 3
-    assert sorted(_records(output)) == [f"a/{i}.png" for i in range(3)]
+    rows = _records(output)
+    # labels come from the class folders, by the export's class names (the digits)
+    assert {key: label for key, (label, _) in rows.items()} == {
+        "3/0.png": 3, "7/1.png": 7, "not_a_digit/2.png": -1}
     (dead,) = [n for n in os.listdir(output) if n.startswith("dead_letters")]
     reasons = [json.loads(line) for line in open(os.path.join(output, dead))]
     assert len(reasons) == 1 and reasons[0]["path"].endswith("broken.jpg")

@@ -217,7 +217,7 @@ def test_class_folders_without_splits_get_a_hashed_test_split(tmp_path):
             _write(root, f"{label}/nested/{index}.png",
                    _encode(Image.fromarray(_pixels(index)), "PNG"))
     manifest = run(["--source", f"folder:{root}", "--output", str(tmp_path / "out"),
-                    "--test-fraction", "0.3", "--image-size", "8"])
+                    "--test-fraction", "0.3", "--image-size", "8", "--layout", "class"])
     expected_test = sum(hashed_split(f"{label}/nested/{index}.png", 0.3) == "test"
                         for label in "abc" for index in range(10))
     assert 0 < expected_test < 30
@@ -297,3 +297,19 @@ def test_reader_refuses_unfinished_or_damaged_datasets(prepared, tmp_path):
         load_manifest(str(damaged))
     with pytest.raises(DatasetError, match="split 'validation' is not in"):
         read_split(manifest, "validation")
+
+
+def test_split_folders_with_unknown_names_need_a_layout(tmp_path):
+    root = tmp_path / "tree"
+    for split in ("training", "testing"):
+        for label in ("cat", "dog"):
+            _write(root, f"{split}/{label}/0.png", _encode(Image.fromarray(_pixels(1)), "PNG"))
+    with pytest.raises(ValueError, match=r"\['testing', 'training'\].*--layout split/class"):
+        run(["--source", f"folder:{root}", "--output", str(tmp_path / "auto")])
+    as_splits = run(["--source", f"folder:{root}", "--output", str(tmp_path / "splits"),
+                     "--layout", "split/class"])
+    assert sorted(as_splits["splits"]) == ["testing", "training"]
+    assert as_splits["class_names"] == ["cat", "dog"]
+    as_classes = run(["--source", f"folder:{root}", "--output", str(tmp_path / "classes"),
+                      "--layout", "class", "--test-fraction", "0"])
+    assert as_classes["class_names"] == ["testing", "training"]
