@@ -279,36 +279,65 @@ def _check_args(args):
         raise ValueError(f"--min-size must be >= 1, received {args.min_size}")
 
 
-def _beam_temp_folders(output):
-    """``beam-temp-*`` folders directly under ``output`` (local paths; on object stores they
-    are prefixes, matched above with the files under them)."""
+STAGING = ".staging"  # the job writes here; the result is swapped in when complete
+
+
+def _local_folders(output, prefix):
+    """Folders named ``prefix*`` directly under a local ``output`` (on object stores they are
+    prefixes, which ``match`` finds through their files)."""
     if "://" in output or not os.path.isdir(output):
         return []
     return [os.path.join(output, name) for name in os.listdir(output)
-            if name.startswith("beam-temp-") and os.path.isdir(os.path.join(output, name))]
+            if name.startswith(prefix) and os.path.isdir(os.path.join(output, name))]
+
+
+def _dataset_files(folder):
+    """The files of a prepared dataset in ``folder``: shards and dead letters (not the manifest)."""
+    if not FileSystems.exists(folder):
+        return []
+    return [m.path for m in FileSystems.match([FileSystems.join(folder, "*")])[0].metadata_list
+            if _SHARD_NAME.match(m.path.rsplit("/", 1)[-1])
+            or m.path.rsplit("/", 1)[-1].startswith(DEAD_LETTER_PREFIX + "-")]
 
 
 def _prepare_output(output, overwrite):
-    """Refuses to replace a dataset without ``--overwrite``; clears what a past run left."""
+    """Refuses to replace a dataset without ``--overwrite``, and clears what a killed run left
+    (Beam's ``beam-temp-*`` folders, a half-written staging folder).  An existing dataset
+    stays untouched and readable until the new one is complete (``_swap_in``)."""
+    manifest = FileSystems.join(output, MANIFEST_NAME)
+    if FileSystems.exists(manifest) and not overwrite:
+        raise FileExistsError(
+            f"{output} already holds a prepared dataset ({manifest}); pass --overwrite "
+            f"to replace it")
+    if not FileSystems.exists(output):
+        FileSystems.mkdirs(output)
+        return
+    leftovers = []
+    for prefix in ("beam-temp-", STAGING):
+        leftovers += [m.path.rstrip("/") for m in FileSystems.match(
+            [FileSystems.join(output, prefix + "*")])[0].metadata_list]
+        leftovers += _local_folders(output, prefix)
+    if not FileSystems.exists(manifest):
+        leftovers += _dataset_files(output)  # files of an unfinished dataset: nothing reads them
+    if leftovers:
+        FileSystems.delete(sorted(set(leftovers)))
+
+
+def _swap_in(staging, output):
+    """Replaces the dataset in ``output`` by the complete one in ``staging``: the old manifest
+    goes first (so no reader sees a manifest whose shards are changing), the new one last."""
     manifest = FileSystems.join(output, MANIFEST_NAME)
     if FileSystems.exists(manifest):
-        if not overwrite:
-            raise FileExistsError(
-                f"{output} already holds a prepared dataset ({manifest}); pass --overwrite "
-                f"to replace it")
-        FileSystems.delete([manifest])  # first, so a crash never leaves a stale manifest
-    if FileSystems.exists(output):
-        stale = [m.path for m in FileSystems.match([FileSystems.join(output, "*")])[0].metadata_list
-                 if _SHARD_NAME.match(m.path.rsplit("/", 1)[-1])
-                 or m.path.rsplit("/", 1)[-1].startswith(DEAD_LETTER_PREFIX + "-")]
-        # Beam's WriteToText stages in beam-temp-* folders; a killed run leaves them behind.
-        stale += [m.path.rstrip("/") for m in FileSystems.match(
-            [FileSystems.join(output, "beam-temp-*")])[0].metadata_list]
-        stale += _beam_temp_folders(output)
-        if stale:
-            FileSystems.delete(sorted(set(stale)))
-    else:
-        FileSystems.mkdirs(output)
+        FileSystems.delete([manifest])
+    old = _dataset_files(output)
+    if old:
+        FileSystems.delete(old)
+    staged = _dataset_files(staging)
+    if staged:
+        FileSystems.rename(staged, [FileSystems.join(output, path.rsplit("/", 1)[-1])
+                                    for path in staged])
+    FileSystems.rename([FileSystems.join(staging, MANIFEST_NAME)], [manifest])
+    FileSystems.delete([staging])
 
 
 def build_pipeline(pipeline, args):
@@ -375,11 +404,16 @@ def run(argv=None):
     if options.view_as(StandardOptions).runner is None:
         # The portable default (Prism) downloads a binary at start; DirectRunner needs nothing.
         options.view_as(StandardOptions).runner = "DirectRunner"
-    args.output = args.output.rstrip("/")
-    _prepare_output(args.output, args.overwrite)
+    output = args.output.rstrip("/")
+    _prepare_output(output, args.overwrite)
+    # Written to a staging folder and swapped in when complete: a failed or killed run
+    # leaves an existing dataset as it was.
+    args.output = FileSystems.join(output, STAGING)
+    FileSystems.mkdirs(args.output)
     with beam.Pipeline(options=options) as pipeline:
         build_pipeline(pipeline, args)
-    with FileSystems.open(FileSystems.join(args.output, MANIFEST_NAME)) as handle:
+    _swap_in(args.output, output)
+    with FileSystems.open(FileSystems.join(output, MANIFEST_NAME)) as handle:
         return json.loads(handle.read())
 
 

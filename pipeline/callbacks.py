@@ -20,8 +20,7 @@ class KNNMonitor(keras.callbacks.Callback):
     validation hold-out):
 
     * ``val_knn_top1``, on the validation hold-out: the only number that
-      chooses the ``best`` checkpoint (saved as ``best_path`` with ``best.json``
-      beside it, recording the epoch and the split);
+      chooses the ``best`` checkpoint (``BestCheckpoint`` watches it);
     * ``test_knn_top1``, on the test split: a curve to look at, never used
       to choose anything.
 
@@ -30,16 +29,11 @@ class KNNMonitor(keras.callbacks.Callback):
     """
 
     def __init__(self, manifest, *, bank, validation, test, every, epochs, k, temperature,
-                 batch_size, best_path):
+                 batch_size):
         super().__init__()
         self.manifest, self.bank, self.validation, self.test = manifest, bank, validation, test
         self.every, self.epochs, self.k, self.temperature = every, epochs, k, temperature
-        self.batch_size, self.best_path = batch_size, best_path
-        self.best = -math.inf
-        self.info_path = os.path.join(os.path.dirname(best_path), BEST_INFO)
-        if os.path.exists(self.info_path):  # a resumed run keeps its best so far
-            with open(self.info_path) as handle:
-                self.best = json.load(handle)["knn_top1"]
+        self.batch_size = batch_size
 
     def _features(self, selection):
         return evaluate.embed(self.model.backbone, data.eval_dataset(
@@ -63,13 +57,38 @@ class KNNMonitor(keras.callbacks.Callback):
         print(f"\nepoch {epoch + 1}: kNN top-1 " + ", ".join(
             f"{value:.4f} on {'validation' if key.startswith('val') else 'test'}"
             for key, value in results.items()))
-        value = results.get("val_knn_top1")
-        if value is not None and value > self.best:
-            self.best = value
-            self.model.save_weights(self.best_path)
+
+
+class BestCheckpoint(keras.callbacks.ModelCheckpoint):
+    """``ModelCheckpoint(monitor="val_knn_top1", mode="max", save_best_only=True)`` plus
+    ``best.json`` (epoch, score, the split that chose it).
+
+    Where the stock callback falls short: the kNN score exists only on the epochs the
+    monitor runs, and the stock callback warns on every other epoch; and a resumed run
+    must not forget its best so far, so it starts from the score in ``best.json``.
+    """
+
+    MONITOR = "val_knn_top1"
+
+    def __init__(self, path, *, split_description):
+        self.info_path = os.path.join(os.path.dirname(path), BEST_INFO)
+        previous = None
+        if os.path.exists(self.info_path):
+            with open(self.info_path) as handle:
+                previous = json.load(handle)["knn_top1"]
+        super().__init__(path, monitor=self.MONITOR, mode="max", save_best_only=True,
+                         save_weights_only=True, initial_value_threshold=previous)
+        self.split_description = split_description
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or self.MONITOR not in logs:
+            return
+        before = self.best
+        super().on_epoch_end(epoch, logs)
+        if self.best != before:
             with open(self.info_path, "w") as handle:
-                json.dump({"epoch": epoch + 1, "knn_top1": value,
-                           "split": self.validation.description}, handle)
+                json.dump({"epoch": epoch + 1, "knn_top1": float(logs[self.MONITOR]),
+                           "split": self.split_description}, handle)
 
 
 class RunStats(keras.callbacks.Callback):

@@ -137,6 +137,14 @@ def _record_config_change(run_dir, changes, allowed):
         handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def _best_score(checkpoints_dir):
+    path = os.path.join(checkpoints_dir, "best.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)["knn_top1"]
+
+
 def _epochs_in_backup(backup_dir):
     """Epochs a previous run of this run directory finished (0 for a new run), as recorded
     by ``BackupAndRestore``, which restores the model to that point."""
@@ -204,14 +212,17 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
                                         part="rest" if validation else "all", limit=limit),
         validation=validation, test=splits.Selection(config.data.eval_split, limit=limit),
         every=t.knn_every, epochs=t.epochs, k=config.evaluation.knn_k,
-        temperature=config.evaluation.knn_temperature, batch_size=config.evaluation.batch_size,
-        best_path=os.path.join(paths["checkpoints"], "best.weights.h5"))
+        temperature=config.evaluation.knn_temperature, batch_size=config.evaluation.batch_size)
+    best_checkpoint = (run_callbacks.BestCheckpoint(
+        os.path.join(paths["checkpoints"], "best.weights.h5"),
+        split_description=validation.description) if validation else None)
     callback_list = [
         nan_guard,
         run_callbacks.BackupUnlessDiverged(paths["backup"], nan_guard, delete_checkpoint=False),
         # before the kNN monitor, so that epoch time is training time only
         run_callbacks.RunStats(steps_per_epoch * config.optimizer.batch_size),
         knn_monitor,
+        *([best_checkpoint] if best_checkpoint else []),  # after the monitor: reads its score
         keras.callbacks.ModelCheckpoint(
             os.path.join(paths["checkpoints"], "epoch_{epoch:04d}.weights.h5"),
             save_weights_only=True, save_freq=t.checkpoint_every * steps_per_epoch),
@@ -237,7 +248,7 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
         "run_dir": run_dir, "epochs": t.epochs, "replicas": strategy.num_replicas_in_sync,
         "final": history[-1] if history else None,
         "trained_on": train_selection.description,
-        "best_val_knn_top1": None if knn_monitor.best == float("-inf") else knn_monitor.best,
+        "best_val_knn_top1": _best_score(paths["checkpoints"]),
         "checkpoints": {"last": os.path.join(paths["checkpoints"], "last.weights.h5"),
                         **({"best": os.path.join(paths["checkpoints"], "best.weights.h5")}
                            if os.path.exists(os.path.join(paths["checkpoints"],

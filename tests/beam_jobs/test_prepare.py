@@ -313,3 +313,31 @@ def test_split_folders_with_unknown_names_need_a_layout(tmp_path):
     as_classes = run(["--source", f"folder:{root}", "--output", str(tmp_path / "classes"),
                       "--layout", "class", "--test-fraction", "0"])
     assert as_classes["class_names"] == ["testing", "training"]
+
+
+def test_overwrite_keeps_the_old_dataset_readable_until_the_new_one_is_complete(
+        image_tree, tmp_path, monkeypatch):
+    import beam_jobs.prepare as prepare_module
+
+    root, _ = image_tree
+    output = tmp_path / "out"
+    old = run(["--source", f"folder:{root}", "--output", str(output), "--num-shards", "3"])
+    old_files = {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()}
+
+    def crash(self, *args, **kwargs):  # the job dies after the shards were written
+        raise RuntimeError("killed before the manifest")
+
+    monkeypatch.setattr(prepare_module.WriteManifest, "process", crash)
+    with pytest.raises(Exception, match="killed before the manifest"):
+        run(["--source", f"folder:{root}", "--output", str(output), "--num-shards", "2",
+             "--overwrite"])
+    monkeypatch.undo()
+    assert load_manifest(str(output))["splits"] == old["splits"]  # still whole and readable
+    assert {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()} == old_files
+    assert sum(1 for _ in read_split(str(output), "train")) == 9
+    new = run(["--source", f"folder:{root}", "--output", str(output), "--num-shards", "2",
+               "--overwrite"])
+    assert len(new["splits"]["train"]["shards"]) == 2
+    assert sorted(p.name for p in output.iterdir()) == sorted(
+        ["manifest.json", "dead_letters-00000-of-00001.jsonl"]
+        + [f"{split}-0000{i}-of-00002.tfrecord" for split in ("test", "train") for i in (0, 1)])

@@ -317,18 +317,21 @@ def test_a_dataset_without_a_train_split_fails_with_a_clear_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_two_epochs_of_training_improve_knn_over_the_initial_encoder(trained_run, digits16):
+def test_training_improves_knn_over_the_initial_encoder(digits16, tmp_path):
     from pipeline import splits
     from pipeline.evaluate import encoder_knn
-    from pipeline.run_dir import load_run_config, load_trained_model
+    from pipeline.run_dir import load_trained_model
 
-    run_dir, _ = trained_run
-    config = load_run_config(run_dir)
+    config = _config(digits16, "train.epochs=8", "train.knn_every=0", "train.view_images=0",
+                     "train.checkpoint_every=100", "data.train_limit=0")
+    run_dir = str(tmp_path / "run")
+    train(config, run_dir)
     knn = dict(train_split=splits.Selection("train"), eval_split=splits.Selection("test"), k=20,
                temperature=0.1, batch_size=256)
-    initial = build_model(config, digits16)  # same seed: the weights training started from
+    keras.utils.set_random_seed(config.train.seed)  # as train() does before building
+    initial = build_model(config, digits16)  # so: the weights training started from
     trained, _, _ = load_trained_model(run_dir, "last")
     before = encoder_knn(initial.backbone, digits16, **knn)["top1"]
     after = encoder_knn(trained.backbone, digits16, **knn)["top1"]
-    print(f"kNN top-1 before {before:.4f}, after two epochs {after:.4f}")
-    assert after > before + 0.01  # measured: 0.864 -> 0.889 (324 test digits: 0.003 each)
+    print(f"kNN top-1 before {before:.4f}, after training {after:.4f}")
+    assert after > before + 0.04  # measured: 0.880 -> 0.960 (324 test digits: 0.003 each)
