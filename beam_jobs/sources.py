@@ -17,6 +17,7 @@ import posixpath
 import apache_beam as beam
 import numpy as np
 from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
 
 KNOWN_SPLITS = ("train", "test", "validation", "val", "valid", "unlabeled", "unlabelled")
 LAYOUTS = ("auto", "split/class", "class")
@@ -55,8 +56,6 @@ def check_folder_layout(root, layout):
     Lists what it found and names the ``--layout`` to pass."""
     if layout != "auto":
         return
-    from apache_beam.io.filesystems import FileSystems
-
     root = root.rstrip("/")
     nested = FileSystems.match([f"{root}/*/*/*"])[0].metadata_list
     first_level = sorted({posixpath.relpath(m.path.replace("\\", "/"), root).split("/")[0]

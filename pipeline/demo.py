@@ -10,6 +10,12 @@ import os
 import shutil
 import time
 
+from beam_jobs.prepare import run as prepare
+from pipeline.config import load_config
+from pipeline.evaluate import evaluate_run
+from pipeline.export import export_run
+from pipeline.train import train
+
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "digits_small.yaml")
 
@@ -24,12 +30,6 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False,
     A ``workdir`` the demo made before (it holds ``.ascl-demo``) is replaced; any other
     non-empty folder is refused, so a mistyped ``--workdir`` never deletes a user's files.
     """
-    from beam_jobs.prepare import run as prepare
-    from pipeline.config import load_config
-    from pipeline.evaluate import evaluate_run
-    from pipeline.export import export_run
-    from pipeline.train import train
-
     start = time.perf_counter()
     marker = os.path.join(workdir, DEMO_MARKER)
     if os.path.exists(workdir) and os.listdir(workdir):
