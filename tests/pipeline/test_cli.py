@@ -70,7 +70,7 @@ def test_tensorflow_startup_logs_are_quiet_unless_asked_for():
 def test_documented_switch_values_are_accepted_as_typed(tmp_path):
     # YAML reads on/off as booleans: both spellings must reach the config, which is
     # validated before the (missing) dataset is looked at
-    for typed in ("on", "off", "true", "false"):
+    for typed in ("on", "off"):  # the parser itself is tested for every spelling
         result = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "train", "--config", "configs/digits_small.yaml",
              "--run-dir", str(tmp_path / "run"), "--set", f"data.blur={typed}",
