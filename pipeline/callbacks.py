@@ -1,7 +1,6 @@
 """Keras callbacks for pre-training runs: kNN monitor, history file, views, divergence."""
 
 import json
-import math
 import os
 import time
 
@@ -186,23 +185,45 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
         self._epoch = epoch
 
 
-class BackupUnlessDiverged(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` that never backs up a diverged model.
+class UnlessDiverged(keras.callbacks.Callback):
+    """Runs ``callback`` as it is, except its end-of-step and end-of-epoch hooks once the NaN
+    guard has fired.
 
-    When ``StopOnNaN`` stops training, Keras still runs every callback's
-    ``on_epoch_end``; the stock callback would then save the NaN weights as the
-    next epoch's backup, and a rerun would resume from them.  Here the last
-    good backup is left as it is.
+    When ``StopOnNaN`` stops training, Keras still runs every callback's ``on_epoch_end``:
+    ``BackupAndRestore`` would back up the NaN weights as the next epoch (a rerun would
+    resume from them), ``ModelCheckpoint`` could write them as an epoch checkpoint or as
+    ``best``, and the kNN monitor would score them.  Wrapped, they leave the last good
+    state as it is.
     """
 
-    def __init__(self, backup_dir, nan_guard, **kwargs):
-        super().__init__(backup_dir, **kwargs)
-        self.nan_guard = nan_guard
+    def __init__(self, callback, nan_guard):
+        super().__init__()
+        self.callback, self.nan_guard = callback, nan_guard
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.callback.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.callback.set_params(params)
+
+    def on_train_begin(self, logs=None):
+        self.callback.on_train_begin(logs)
+
+    def on_train_end(self, logs=None):
+        self.callback.on_train_end(logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.callback.on_epoch_begin(epoch, logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.callback.on_train_batch_begin(batch, logs)
 
     def on_train_batch_end(self, batch, logs=None):
         if not self.nan_guard.message:
-            super().on_train_batch_end(batch, logs)
+            self.callback.on_train_batch_end(batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.nan_guard.message:
-            super().on_epoch_end(epoch, logs)
+            self.callback.on_epoch_end(epoch, logs)

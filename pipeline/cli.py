@@ -197,7 +197,7 @@ def main(argv=None):
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError) as error:
+    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"ascl {args.command}: error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:

@@ -148,6 +148,8 @@ def _coerce(path, value, annotation):
             return float(value)
         except ValueError:
             pass
+    if annotation is str and isinstance(value, bool):
+        return "on" if value else "off"  # YAML 1.1 read the documented on/off as a boolean
     if annotation is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, annotation) or isinstance(value, bool) and annotation is not bool:

@@ -32,6 +32,8 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False,
     """
     start = time.perf_counter()
     marker = os.path.join(workdir, DEMO_MARKER)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise FileExistsError(f"--workdir {workdir} is a file, not a folder")
     if os.path.exists(workdir) and os.listdir(workdir):
         if not os.path.exists(marker):
             raise FileExistsError(

@@ -153,12 +153,12 @@ def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="save
     """Exports a run's encoder to ``base_dir/name/version``; returns that path."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
         raise ValueError(f"--name must be letters, digits, '.', '_' or '-', received {name!r}")
+    if version is not None and version < 1:
+        raise ValueError(f"--version must be >= 1, received {version}")
     model, _, manifest = load_trained_model(run_dir, checkpoint)
     model_dir = os.path.join(base_dir, name)
     if version is None:
         version = _next_version(model_dir)
-    if version < 1:
-        raise ValueError(f"--version must be >= 1, received {version}")
     final = os.path.join(model_dir, str(version))
     if os.path.exists(final):
         raise FileExistsError(f"{final} already exists; versions are never overwritten "

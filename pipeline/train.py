@@ -216,16 +216,17 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
     best_checkpoint = (run_callbacks.BestCheckpoint(
         os.path.join(paths["checkpoints"], "best.weights.h5"),
         split_description=validation.description) if validation else None)
+    guard = lambda callback: run_callbacks.UnlessDiverged(callback, nan_guard)  # noqa: E731
     callback_list = [
         nan_guard,
-        run_callbacks.BackupUnlessDiverged(paths["backup"], nan_guard, delete_checkpoint=False),
+        guard(keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=False)),
         # before the kNN monitor, so that epoch time is training time only
         run_callbacks.RunStats(steps_per_epoch * config.optimizer.batch_size),
-        knn_monitor,
-        *([best_checkpoint] if best_checkpoint else []),  # after the monitor: reads its score
-        keras.callbacks.ModelCheckpoint(
+        guard(knn_monitor),
+        *([guard(best_checkpoint)] if best_checkpoint else []),  # after the monitor: its score
+        guard(keras.callbacks.ModelCheckpoint(
             os.path.join(paths["checkpoints"], "epoch_{epoch:04d}.weights.h5"),
-            save_weights_only=True, save_freq=t.checkpoint_every * steps_per_epoch),
+            save_weights_only=True, save_freq=t.checkpoint_every * steps_per_epoch)),
         run_callbacks.HistoryFile(os.path.join(run_dir, "history.json")),
         keras.callbacks.TensorBoard(paths["tensorboard"], update_freq="epoch"),
         *extra_callbacks,

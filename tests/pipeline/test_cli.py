@@ -70,10 +70,17 @@ def test_tensorflow_startup_logs_are_quiet_unless_asked_for():
 def test_documented_switch_values_are_accepted_as_typed(tmp_path):
     # YAML reads on/off as booleans: both spellings must reach the config, which is
     # validated before the (missing) dataset is looked at
-    for typed in ("on", "off"):  # the parser itself is tested for every spelling
+    for flags in (["--set", "data.blur=on", "--jit-compile", "off"],
+                  ["--set", "data.blur=off", "--jit-compile", "on"]):
         result = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "train", "--config", "configs/digits_small.yaml",
-             "--run-dir", str(tmp_path / "run"), "--set", f"data.blur={typed}",
+             "--run-dir", str(tmp_path / "run"), *flags,
              "--set", f"data.dataset={tmp_path / 'missing'}"], capture_output=True, text=True)
+        typed = " ".join(flags)
         assert result.returncode == 2 and "is not a prepared dataset" in result.stderr, (
             typed, result.stderr[-500:])
+
+
+def test_export_errors_are_one_line_messages(tmp_path, capsys):
+    assert main(["export", "--run-dir", str(tmp_path), "--name", "x", "--version", "0"]) == 2
+    assert "ascl export: error: --version must be >= 1, received 0" in capsys.readouterr().err

@@ -87,3 +87,10 @@ def test_missing_or_broken_file(tmp_path):
                                           ("'off'", False), ("true", True), ("no", False)])
 def test_switches_accept_what_users_type(typed, value):
     assert load_config("configs/digits_small.yaml", [f"data.blur={typed}"]).data.blur is value
+
+
+@pytest.mark.parametrize("typed, value", [("on", "on"), ("off", "off"), ("auto", "auto"),
+                                          ("'on'", "on")])
+def test_on_off_choices_survive_yaml(typed, value):
+    assert load_config("configs/digits_small.yaml",
+                       [f"train.jit_compile={typed}"]).train.jit_compile == value

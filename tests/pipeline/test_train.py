@@ -222,11 +222,16 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed(digits16, tmp_
     run_dir = str(tmp_path / "run")
     train(config, run_dir)
     for change in ("ascl.mode=moco", "optimizer.lr=0.5", "optimizer.batch_size=32",
-                   "train.epochs=0" if False else "data.crop_min_scale=0.5"):
+                   "data.crop_min_scale=0.5"):
         key = change.split("=")[0]
         with pytest.raises(TrainingError, match=f"another configuration \\({key}: "):
             train(_config(digits16, "train.epochs=1", "train.knn_every=0",
                           "train.view_images=0", change), run_dir)
+    train(_config(digits16, "train.epochs=2", "train.knn_every=0", "train.view_images=0"),
+          str(tmp_path / "longer"))
+    with pytest.raises(TrainingError, match="train.epochs: 2 -> 1"):  # fewer epochs: refused
+        train(_config(digits16, "train.epochs=1", "train.knn_every=0", "train.view_images=0"),
+              str(tmp_path / "longer"))
     assert not os.path.exists(os.path.join(run_dir, "config_changes.jsonl"))
     # a larger train.epochs is accepted, and recorded
     train(_config(digits16, "train.epochs=2", "train.knn_every=0", "train.view_images=0"),
@@ -259,11 +264,18 @@ class _PoisonAt(keras.callbacks.Callback):
 
 
 def test_divergence_leaves_the_last_good_backup_and_a_rerun_resumes_from_it(digits16, tmp_path):
-    config = _config(digits16, "train.epochs=3", "train.knn_every=0", "train.view_images=0",
-                     "train.checkpoint_every=100")
+    config = _config(digits16, "train.epochs=3", "train.knn_every=1", "train.view_images=0",
+                     "train.checkpoint_every=1")
     run_dir = str(tmp_path / "run")
     with pytest.raises(TrainingError, match="training diverged.*epoch 2"):
-        train(config, run_dir, extra_callbacks=[_PoisonAt(epoch=1, step=2)])
+        train(config, run_dir, extra_callbacks=[_PoisonAt(epoch=1, step=7)])  # last step
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    # neither an epoch checkpoint nor `best` was written from the diverged epoch
+    assert not os.path.exists(os.path.join(checkpoints, "epoch_0002.weights.h5"))
+    assert json.load(open(os.path.join(checkpoints, "best.json")))["epoch"] == 1
+    best = build_model(config, digits16)
+    best.load_weights(os.path.join(checkpoints, "best.weights.h5"))
+    assert all(np.all(np.isfinite(w.numpy())) for w in best.weights)
     backup = os.path.join(run_dir, "backup")
     metadata = json.load(open(os.path.join(backup, "training_metadata.json")))
     assert metadata["epoch"] == 1  # the diverged epoch 2 was not backed up
