@@ -70,7 +70,9 @@ def _example_to_item(record):
     feature = example_pb2.Example.FromString(record).features.feature
     pixels = decode_image(feature["image/encoded"].bytes_list.value[0])
     return (json.dumps({"id": feature["id"].bytes_list.value[0].decode(),
-                        "label": int(feature["label"].int64_list.value[0])}), pixels)
+                        "label": int(feature["label"].int64_list.value[0]),
+                        "class_name": feature["class_name"].bytes_list.value[0].decode()},
+                       sort_keys=True), pixels)
 
 
 class _ToPixels(beam.DoFn):
@@ -124,6 +126,7 @@ def _to_example(key, embedding):
     feature = example.features.feature
     feature["id"].bytes_list.value.append(info["id"].encode())
     feature["label"].int64_list.value.append(info["label"])
+    feature["class_name"].bytes_list.value.append(info.get("class_name", "").encode())
     feature["embedding"].float_list.value.extend(np.asarray(embedding, np.float32).tolist())
     return example.SerializeToString(deterministic=True)
 
@@ -139,7 +142,8 @@ class _WriteProjector(beam.DoFn):
         keys = [json.loads(key) for key, _ in sample]
         vectors = "".join("\t".join(f"{v:.6f}" for v in emb) + "\n" for _, emb in sample)
         metadata = "id\tlabel\tclass\n" + "".join(
-            f"{k['id']}\t{k['label']}\t{self._name(k['label'])}\n" for k in keys)
+            f"{k['id']}\t{k['label']}\t{k.get('class_name') or self._name(k['label'])}\n"
+            for k in keys)
         config = ('embeddings {\n  tensor_name: "embedding"\n  tensor_path: "vectors.tsv"\n'
                   '  metadata_path: "metadata.tsv"\n}\n')
         for name, text in (("vectors.tsv", vectors), ("metadata.tsv", metadata),
@@ -165,6 +169,9 @@ def build_parser():
     parser.add_argument("--projector-samples", type=int, default=500,
                         help="embeddings written for TensorBoard's projector (0: none)")
     parser.add_argument("--batch-size", type=int, default=256, help="largest inference batch")
+    parser.add_argument("--layout", default="auto", choices=["auto", "split/class", "class"],
+                        help="for folder:PATH inputs, as for `ascl prepare`: where the class "
+                             "folder is (labels come from it)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the contents of a non-empty --output")
     return parser
@@ -185,7 +192,8 @@ def run(argv=None):
 
     with beam.Pipeline(options=options) as pipeline:
         if args.input.startswith("folder:"):
-            items = pipeline | "Read" >> ReadFolder(args.input[len("folder:"):], test_fraction=0.0)
+            items = pipeline | "Read" >> ReadFolder(args.input[len("folder:"):], test_fraction=0.0,
+                                                    layout=args.layout)
             decoded = items | "Decode" >> beam.ParDo(
                 _ToPixels(height, info["class_names"])).with_outputs(
                 "dead", main="valid")
@@ -215,10 +223,12 @@ def run(argv=None):
             import pyarrow
 
             schema = pyarrow.schema([("id", pyarrow.string()), ("label", pyarrow.int64()),
+                                     ("class_name", pyarrow.string()),
                                      ("embedding", pyarrow.list_(pyarrow.float32()))])
             (embeddings
              | "ToRow" >> beam.MapTuple(lambda key, emb: {
                  "id": json.loads(key)["id"], "label": json.loads(key)["label"],
+                 "class_name": json.loads(key).get("class_name", ""),
                  "embedding": np.asarray(emb, np.float32).tolist()})
              | "WriteParquet" >> beam.io.WriteToParquet(f"{output}/embeddings", schema,
                                                         file_name_suffix=".parquet"))

@@ -166,6 +166,9 @@ class WriteShard(beam.DoFn):
 
 
 def _write_file(path, chunks, **info):
+    """Writes ``chunks`` to ``path``; returns ``info`` with the file's name, size and sha256.
+    (Dead letters go through here too, sorted, so that reruns write identical bytes: Beam's
+    text sink writes lines in the order its bundles arrive.)"""
     digest, size = hashlib.sha256(), 0
     handle = FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
     try:
@@ -376,11 +379,12 @@ def build_pipeline(pipeline, args):
               | "KeyByShard" >> beam.Map(key_by_shard, counts=beam.pvalue.AsDict(shards_per_split))
               | "GroupShards" >> beam.GroupByKey()
               | "WriteShards" >> beam.ParDo(WriteShard(args.output)))
+    dead_path = FileSystems.join(args.output, f"{DEAD_LETTER_PREFIX}-00000-of-00001.jsonl")
     dead_files = (results.dead
                   | "DeadToJson" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
-                  | "WriteDeadLetters" >> beam.io.WriteToText(
-                      FileSystems.join(args.output, DEAD_LETTER_PREFIX), file_name_suffix=".jsonl",
-                      num_shards=1, shard_name_template="-SSSSS-of-NNNNN"))
+                  | "AllDead" >> beam.combiners.ToList()
+                  | "WriteDeadLetters" >> beam.Map(lambda lines: _write_file(
+                      dead_path, [line.encode("utf-8") + b"\n" for line in sorted(lines)])["file"]))
     stats = results.moments | "ChannelStats" >> beam.CombineGlobally(ChannelMeanStd())
     shapes = results.shape | "DistinctShapes" >> beam.Distinct()
     input_count = items | "CountInputs" >> beam.combiners.Count.Globally()

@@ -54,7 +54,9 @@ def test_prepared_split_is_embedded_once_per_example(exported, digits16, tmp_pat
 
     (parquet,) = [n for n in os.listdir(output) if n.endswith(".parquet")]
     table = pq.read_table(os.path.join(output, parquet))
-    assert table.num_rows == count and set(table.column_names) == {"id", "label", "embedding"}
+    assert table.num_rows == count and set(table.column_names) == {"id", "label", "class_name",
+                                                                   "embedding"}
+    assert sorted(set(table.column("class_name").to_pylist())) == [str(d) for d in range(10)]
     projector = os.path.join(output, "projector")
     assert len(open(os.path.join(projector, "vectors.tsv")).read().splitlines()) == 20
     assert os.path.exists(os.path.join(projector, "projector_config.pbtxt"))
@@ -90,6 +92,14 @@ def test_folder_input_with_a_corrupt_file(exported, tmp_path):
     # labels come from the class folders, by the export's class names (the digits)
     assert {key: label for key, (label, _) in rows.items()} == {
         "3/0.png": 3, "7/1.png": 7, "not_a_digit/2.png": -1}
+    names = {}
+    for name in os.listdir(output):
+        if name.startswith("embeddings") and name.endswith(".tfrecord"):
+            for record in tf.data.TFRecordDataset(os.path.join(output, name)):
+                feature = tf.train.Example.FromString(record.numpy()).features.feature
+                names[feature["id"].bytes_list.value[0].decode()] = (
+                    feature["class_name"].bytes_list.value[0].decode())
+    assert names["not_a_digit/2.png"] == "not_a_digit"  # a new class keeps its folder name
     (dead,) = [n for n in os.listdir(output) if n.startswith("dead_letters")]
     reasons = [json.loads(line) for line in open(os.path.join(output, dead))]
     assert len(reasons) == 1 and reasons[0]["path"].endswith("broken.jpg")
