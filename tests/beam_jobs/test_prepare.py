@@ -264,9 +264,16 @@ def test_tfds_source_through_mock_data(tmp_path):
     assert manifest["class_names"] == [str(d) for d in range(10)]
     assert manifest["image_shape"] == [28, 28, 3]
     assert {s: i["num_examples"] for s, i in manifest["splits"].items()} == {"train": 12, "test": 12}
-    image, label = next(read_split(manifest, "train").as_numpy_iterator())
-    assert image.shape == (28, 28, 3) and 0 <= label < 10
-    np.testing.assert_array_equal(image[..., 0], image[..., 1])  # grayscale became RGB
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):  # the same mock examples, as TFDS gives them
+        mocked = sorted((int(e["label"]), e["image"][..., 0].tobytes()) for e in tfds.as_numpy(
+            tfds.load("mnist", split="train")))
+    prepared = sorted((int(label), image[..., 0].tobytes())
+                      for image, label in read_split(manifest, "train").as_numpy_iterator())
+    assert prepared == mocked  # every image and label, grayscale turned into RGB
+    image, _ = next(read_split(manifest, "train").as_numpy_iterator())
+    np.testing.assert_array_equal(image[..., 0], image[..., 1])
 
 
 @pytest.mark.parametrize("argv, message", [
