@@ -1,112 +1,237 @@
-"""Benchmark: ASCL against MoCo on real CIFAR-10, on this CPU, with learning curves.
+"""Benchmark: ASCL against MoCo on real CIFAR-10 with the faithful recipe, several seeds.
 
-    python bench/cifar10_quality.py --data .data/cifar10-prepared --epochs 15
+    python bench/cifar10_quality.py --data .data/cifar10-prepared [--parts a] [--dry-run]
 
 Prepare the data first with the project's own Beam job:
     mkdir -p .data/cifar10 && tar xzf ../shared/datasets/cifar10-jpg.tar.gz -C .data/cifar10
     ascl prepare --source folder:.data/cifar10 --output .data/cifar10-prepared
 
-Four arms share ``configs/cifar10_small_cpu.yaml`` (small CNN, 32 px, batch 256,
-M=4096, t1=0.1, t2=0.05), the number of epochs and the seed:
-``moco``; ``ascl`` with the weak key view; ``ascl`` with a strong key view;
-``ahcl``.  After every epoch each arm's kNN top-1 (k=200, t=0.1) on the full
-10,000-image test split is recorded; at the end a linear probe and the
-raw-pixel kNN baseline.  Writes ``bench/results/cifar10_quality.json`` and a
-PNG of the learning curves.
+Every (part, arm, seed) is its own training run (``RUNS/<part>/<arm>-seed<N>``) with its
+own result file (``OUT/cifar10_quality/<part>-<arm>-seed<N>.json``), so the benchmark spans
+as many sittings as it needs: rerunning skips finished runs and resumes an interrupted one
+from its last epoch (``BackupAndRestore``).  After each run the summary
+(``OUT/cifar10_quality.json``, a ``summary`` keyed by arm) and the plot are rewritten from
+every result file present.
+
+Parts, in priority order (issue 10):
+
+* ``a``: 20 epochs, ``configs/cifar10_small_cpu.yaml`` (small CNN, the reference's data
+  order, augmentations, lr 0.03 at batch 256 with 5 warm-up epochs then cosine, M=4096,
+  t1=0.1, t2=0.05, K=5) pre-trained on all 50,000 training images
+  (``data.validation_size=0``, as the reference); arms ``moco``, ``ascl`` (weak key view),
+  ``ascl_strong_key``, ``ahcl``, ``hard``; seeds 0-2 for moco and ascl, seed 0 otherwise;
+* ``b``: the same for 60 epochs, moco and ascl, seed 0.
+
+Every arm shares every setting but the ones it names.  kNN top-1 (k=200, t=0.1) on the
+10,000 test images after every epoch is a curve, never used to choose anything: each run
+reports its last epoch.  The linear probe is the config's (30 epochs on centre-view
+features, lr 10 at batch 256, drops at 60%/80%).
 """
 
 import argparse
 import json
 import os
+import statistics
+import sys
 import time
 
 ARMS = {
     "moco": ["ascl.mode=moco"],
-    "ascl_weak_key": ["ascl.mode=ascl", "data.key_view=weak"],
+    "ascl": ["ascl.mode=ascl", "data.key_view=weak"],
     "ascl_strong_key": ["ascl.mode=ascl", "data.key_view=strong"],
     "ahcl": ["ascl.mode=ahcl"],
+    "hard": ["ascl.mode=hard"],
 }
+PARTS = {
+    "a": {"epochs": 20, "runs": [("moco", 0), ("ascl", 0), ("moco", 1), ("ascl", 1),
+                                 ("moco", 2), ("ascl", 2), ("ascl_strong_key", 0),
+                                 ("ahcl", 0), ("hard", 0)]},
+    "b": {"epochs": 60, "runs": [("moco", 0), ("ascl", 0)]},
+}
+CONFIG = "configs/cifar10_small_cpu.yaml"
 
 
-def plot(results, path):
+def run_name(part, arm, seed):
+    return f"{part}-{arm}-seed{seed}"
+
+
+def overrides(args, part, arm, seed):
+    return [f"data.dataset={args.data}", f"train.epochs={PARTS[part]['epochs']}",
+            f"train.seed={seed}", "data.validation_size=0", "train.knn_every=1",
+            "train.checkpoint_every=1000", "train.verbose=2", *ARMS[arm]]
+
+
+def train_one(args, part, arm, seed, result_path):
+    from pipeline.config import load_config
+    from pipeline.evaluate import linear_probe
+    from pipeline.prepared_dataset import load_manifest
+    from pipeline.run_dir import load_trained_model
+    from pipeline.train import train
+
+    run_dir = os.path.join(args.runs, part, f"{arm}-seed{seed}")
+    config = load_config(CONFIG, overrides(args, part, arm, seed))
+    start = time.perf_counter()
+    train(config, run_dir)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(run_dir, "history.json")) as handle:
+        history = json.load(handle)
+    model, config, _ = load_trained_model(run_dir, "last")
+    e = config.evaluation
+    probe = linear_probe(model.backbone, load_manifest(args.data), train_split="train",
+                         eval_split="test", epochs=e.linear_epochs, lr=e.linear_lr,
+                         milestones=e.linear_milestones, batch_size=e.linear_batch_size,
+                         augment=e.linear_augment, seed=seed)
+    keys = ("loss", "confidence", "max_soft_label", "contrastive_accuracy", "learning_rate",
+            "epoch_seconds")
+    result = {"part": part, "arm": arm, "seed": seed, "config": CONFIG,
+              "overrides": overrides(args, part, arm, seed),
+              "seconds_this_sitting": round(seconds, 1),
+              "train_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in history), 1),
+              "history": [{"epoch": r["epoch"], "knn_top1": r["test_knn_top1"],
+                           **{k: r[k] for k in keys if k in r}} for r in history],
+              "knn_top1_final": history[-1]["test_knn_top1"], "linear_probe": probe}
+    os.makedirs(os.path.dirname(result_path), exist_ok=True)
+    with open(result_path + ".tmp", "w") as handle:
+        json.dump(result, handle, indent=1)
+    os.replace(result_path + ".tmp", result_path)
+    return result
+
+
+def _mean_std(values):
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(results_dir):
+    """The summary of every finished run: per arm (and part) lists per seed, mean, std."""
+    results = []
+    for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(results_dir, name)) as handle:
+                results.append(json.load(handle))
+    summary = {}
+    for result in results:
+        key = result["arm"] if result["part"] == "a" else f"{result['arm']}_{result['part']}"
+        summary.setdefault(key, []).append(result)
+    out = {}
+    for key, runs in sorted(summary.items()):
+        runs.sort(key=lambda r: r["seed"])
+        finals = [r["knn_top1_final"] for r in runs]
+        epochs = min(len(r["history"]) for r in runs)
+        per_epoch = [[r["history"][i]["knn_top1"] for r in runs] for i in range(epochs)]
+        mean, std = _mean_std(finals)
+        out[key] = {
+            "part": runs[0]["part"], "seeds": [r["seed"] for r in runs],
+            "knn_top1_final": finals, "knn_top1_mean": mean, "knn_top1_std": std,
+            "per_epoch_mean": [statistics.fmean(v) for v in per_epoch],
+            "per_epoch_std": [_mean_std(v)[1] for v in per_epoch],
+            "per_epoch_min": [min(v) for v in per_epoch],
+            "per_epoch_max": [max(v) for v in per_epoch],
+            "linear_final": [r["linear_probe"]["top1"] for r in runs],
+            "train_seconds": [r["train_seconds"] for r in runs],
+        }
+    return out
+
+
+def plot(summary, raw_pixel, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for arm, info in results["arms"].items():
-        epochs = [r["epoch"] for r in info["history"]]
-        axis.plot(epochs, [100 * r["knn_top1"] for r in info["history"]], marker="o", label=arm)
-    axis.axhline(100 * results["raw_pixel_knn"]["top1"], color="gray", linestyle="--",
-                 label="raw-pixel kNN")
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    for arm, info in summary.items():
+        epochs = range(1, len(info["per_epoch_mean"]) + 1)
+        label = f"{arm} ({len(info['seeds'])} seed{'s' if len(info['seeds']) > 1 else ''})"
+        line, = axis.plot(epochs, [100 * v for v in info["per_epoch_mean"]], label=label)
+        if len(info["seeds"]) > 1:
+            axis.fill_between(epochs, [100 * v for v in info["per_epoch_min"]],
+                              [100 * v for v in info["per_epoch_max"]], alpha=0.2,
+                              color=line.get_color())
+    if raw_pixel is not None:
+        axis.axhline(100 * raw_pixel, color="gray", linestyle="--", label="raw-pixel kNN")
     axis.set_xlabel("epoch")
     axis.set_ylabel("kNN top-1 on CIFAR-10 test (%)")
-    axis.set_title(f"CIFAR-10, small CNN, {results['epochs']} epochs on a 2-core CPU")
+    axis.set_title("CIFAR-10, small CNN, 2-core CPU: mean over seeds, min-max band")
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+
+
+def write_summary(args, results_dir, base):
+    summary = summarize(results_dir)
+    order = {}
+    if os.path.exists(os.path.join(args.out, "data_order.json")):
+        with open(os.path.join(args.out, "data_order.json")) as handle:
+            order = {run["label"]: run for run in json.load(handle)["runs"]}
+    full = order.get("faithful_order_full_split", {})
+    report = {
+        "command": "python bench/cifar10_quality.py " + " ".join(sys.argv[1:]),
+        "config": CONFIG, "parts": {p: v["epochs"] for p, v in PARTS.items()},
+        "raw_pixel_knn": base,
+        "largest_class_share": {
+            "per_256_batch_mean": full.get("mean_largest_class_share_per_batch"),
+            "iid_per_256_batch_mean": full.get("iid_mean_largest_class_share_per_batch"),
+            "max_in_4096_window": full.get("max_largest_class_share_per_window"),
+            "measured_by": "bench/data_order.py --label faithful_order_full_split "
+                           "--set data.validation_size=0"},
+        "summary": summary,
+    }
+    with open(os.path.join(args.out, "cifar10_quality.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    plot(summary, (base or {}).get("top1"), os.path.join(args.out, "cifar10_quality.png"))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=".data/cifar10-prepared")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--train-limit", type=int, default=0,
-                        help="train on a fixed class-mixed sample of N train images")
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--parts", default="a", help="comma-separated parts to run: a, b")
     parser.add_argument("--runs", default="runs/cifar10_quality")
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--linear-epochs", type=int, default=30)
+    parser.add_argument("--max-runs", type=int, default=0,
+                        help="stop after this many runs in this sitting (0: all)")
+    parser.add_argument("--dry-run", action="store_true", help="list the plan and exit")
     args = parser.parse_args()
 
-    from pipeline.config import load_config
-    from pipeline.evaluate import linear_probe, raw_pixel_knn
-    from pipeline.prepared_dataset import load_manifest
-    from pipeline.run_dir import load_trained_model
-    from pipeline.train import train
+    results_dir = os.path.join(args.out, "cifar10_quality")
+    plan = [(part, arm, seed) for part in args.parts.split(",") for arm, seed in
+            PARTS[part]["runs"]]
+    todo = [item for item in plan if not os.path.exists(
+        os.path.join(results_dir, run_name(*item) + ".json"))]
+    print(f"{len(plan)} runs planned, {len(plan) - len(todo)} finished, {len(todo)} to go",
+          flush=True)
+    if args.dry_run:
+        for item in todo:
+            print("  to do:", run_name(*item))
+        return
 
-    manifest = load_manifest(args.data)
-    os.makedirs(args.out, exist_ok=True)
-    results_path = os.path.join(args.out, "cifar10_quality.json")
-    results = {"command": "python bench/cifar10_quality.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "config": "configs/cifar10_small_cpu.yaml", "epochs": args.epochs,
-        "train_limit": args.train_limit or manifest["splits"]["train"]["num_examples"],
-        "test_examples": manifest["splits"]["test"]["num_examples"], "arms": {}}
-    common = [f"data.dataset={args.data}", f"train.epochs={args.epochs}", "train.knn_every=1",
-              "train.checkpoint_every=1000", "train.verbose=2", "train.seed=0",
-              "data.validation_size=0",  # pre-train on all 50,000 as the reference does
-              f"data.train_limit={args.train_limit}", f"evaluation.linear_epochs={args.linear_epochs}"]
-    results["raw_pixel_knn"] = raw_pixel_knn(manifest, train_split="train", eval_split="test",
-                                             k=200, temperature=0.1, batch_size=1000)
-    print("raw-pixel kNN:", results["raw_pixel_knn"], flush=True)
-    for arm in args.arms.split(","):
-        config = load_config("configs/cifar10_small_cpu.yaml", common + ARMS[arm])
-        run_dir = os.path.join(args.runs, arm)
+    from pipeline.evaluate import raw_pixel_knn
+    from pipeline.prepared_dataset import load_manifest
+
+    base_path = os.path.join(args.out, "cifar10_raw_pixel_knn.json")
+    if os.path.exists(base_path):
+        with open(base_path) as handle:
+            base = json.load(handle)
+    else:
+        base = raw_pixel_knn(load_manifest(args.data), train_split="train", eval_split="test",
+                             k=200, temperature=0.1, batch_size=1000)
+        os.makedirs(results_dir, exist_ok=True)
+        with open(base_path, "w") as handle:
+            json.dump(base, handle)
+    seconds_per_epoch = []
+    for done, (part, arm, seed) in enumerate(todo[:args.max_runs or None]):
         start = time.perf_counter()
-        train(config, run_dir)
-        seconds = time.perf_counter() - start
-        with open(os.path.join(run_dir, "history.json")) as handle:
-            history = json.load(handle)
-        model, config, _ = load_trained_model(run_dir, "last")
-        probe = linear_probe(model.backbone, manifest, train_split="train", eval_split="test",
-                             epochs=config.evaluation.linear_epochs, lr=config.evaluation.linear_lr,
-                             milestones=config.evaluation.linear_milestones, batch_size=256,
-                             augment=False)
-        results["arms"][arm] = {
-            "overrides": ARMS[arm], "train_seconds": round(seconds, 1),
-            "history": [{"epoch": r["epoch"], "knn_top1": r["test_knn_top1"], "loss": r["loss"],
-                         "confidence": r["confidence"], "max_soft_label": r["max_soft_label"],
-                         "contrastive_accuracy": r["contrastive_accuracy"]} for r in history],
-            "final_knn_top1": history[-1]["test_knn_top1"], "linear_probe": probe}
-        print(arm, "final kNN", history[-1]["test_knn_top1"], "linear", probe, flush=True)
-        with open(results_path, "w") as handle:  # partial results survive an interruption
-            json.dump(results, handle, indent=2)
-    plot(results, os.path.join(args.out, "cifar10_quality.png"))
-    print(json.dumps({arm: (info["final_knn_top1"], info["linear_probe"]["top1"])
-                      for arm, info in results["arms"].items()}, indent=2))
+        result = train_one(args, part, arm, seed,
+                           os.path.join(results_dir, run_name(part, arm, seed) + ".json"))
+        elapsed = time.perf_counter() - start
+        seconds_per_epoch.append(elapsed / PARTS[part]["epochs"])
+        left = sum(PARTS[p]["epochs"] for p, _, _ in todo[done + 1:])
+        print(f"[{run_name(part, arm, seed)}] kNN {result['knn_top1_final']:.4f}, linear "
+              f"{result['linear_probe']['top1']:.4f}, {elapsed / 60:.1f} min this sitting; "
+              f"about {left * statistics.fmean(seconds_per_epoch) / 3600:.1f} h for the "
+              f"{len(todo) - done - 1} runs left", flush=True)
+        write_summary(args, results_dir, base)
+    write_summary(args, results_dir, base)
 
 
 if __name__ == "__main__":
