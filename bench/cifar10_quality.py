@@ -25,7 +25,9 @@ Parts, in priority order (issue 10):
 Every arm shares every setting but the ones it names.  kNN top-1 (k=200, t=0.1) on the
 10,000 test images after every epoch is a curve, never used to choose anything: each run
 reports its last epoch.  The linear probe is the config's (30 epochs on centre-view
-features, lr 10 at batch 256, drops at 60%/80%).
+features, lr 10 at batch 256, drops at 60%/80%).  For every arm but moco the history has
+``soft_label_purity`` per epoch: the share of each target row's queue mass on keys of the
+query's class, measured on the training stream (labels never enter the loss).
 """
 
 import argparse
@@ -81,8 +83,8 @@ def train_one(args, part, arm, seed, result_path):
                          eval_split="test", epochs=e.linear_epochs, lr=e.linear_lr,
                          milestones=e.linear_milestones, batch_size=e.linear_batch_size,
                          augment=e.linear_augment, seed=seed)
-    keys = ("loss", "confidence", "max_soft_label", "contrastive_accuracy", "learning_rate",
-            "epoch_seconds")
+    keys = ("loss", "confidence", "max_soft_label", "contrastive_accuracy", "soft_label_purity",
+            "learning_rate", "epoch_seconds")
     result = {"part": part, "arm": arm, "seed": seed, "config": CONFIG,
               "overrides": overrides(args, part, arm, seed),
               "seconds_this_sitting": round(seconds, 1),
@@ -127,6 +129,10 @@ def summarize(results_dir):
             "per_epoch_min": [min(v) for v in per_epoch],
             "per_epoch_max": [max(v) for v in per_epoch],
             "linear_final": [r["linear_probe"]["top1"] for r in runs],
+            **({"soft_label_purity_per_epoch_mean": [
+                statistics.fmean(r["history"][i]["soft_label_purity"] for r in runs)
+                for i in range(epochs)]}
+               if all("soft_label_purity" in h for r in runs for h in r["history"]) else {}),
             "train_seconds": [r["train_seconds"] for r in runs],
         }
     return out

@@ -75,11 +75,17 @@ class ASCLModel(keras.Model):
         trainable query weight, added to the loss so that, as with
         ``torch.optim.SGD(weight_decay=...)`` in the reference, the decay
         passes through the optimiser's momentum.
+      label_purity: report ``soft_label_purity``, the share of each target
+        row's queue mass that falls on keys of the query's class (a diagnosis
+        of whether the soft targets' neighbours are semantic).  It needs
+        labels in the data; labels never enter the loss.
 
     ``fit`` takes elements ``(strong_view, weak_view)``, optionally followed
-    by labels, or dicts with keys ``"strong_view"`` and ``"weak_view"``;
-    labels are ignored.  ``model(images)`` and ``predict`` return backbone
-    features.
+    by labels, or dicts with keys ``"strong_view"`` and ``"weak_view"`` (and
+    ``"label"``).  Labels only feed the label queue kept beside the key queue
+    (as the reference keeps one) for ``soft_label_purity``; with or without
+    them the step is the same.  ``model(images)`` and ``predict`` return
+    backbone features.
 
     Example:
       >>> from models import build_backbone, projection_head
@@ -92,7 +98,7 @@ class ASCLModel(keras.Model):
 
     def __init__(self, backbone, projector, *, memory_size=4096, momentum=0.99, t1=0.1,
                  t2=0.05, num_neighbors=5, mode="ascl", shuffle_keys=True, seed=None,
-                 weight_decay=0.0, **kwargs):
+                 weight_decay=0.0, label_purity=False, **kwargs):
         super().__init__(**kwargs)
         validate_objective_args(t1=t1, t2=t2, num_neighbors=num_neighbors, mode=mode,
                                 memory_size=memory_size)
@@ -109,6 +115,7 @@ class ASCLModel(keras.Model):
         if not weight_decay >= 0.0:
             raise ValueError(f"`weight_decay` must be >= 0, received weight_decay={weight_decay!r}")
         self.weight_decay = float(weight_decay)
+        self.label_purity = bool(label_purity)
 
         self.backbone = backbone
         self.projector = projector
@@ -128,6 +135,10 @@ class ASCLModel(keras.Model):
             dtype="float32", trainable=False, autocast=False, name="queue")
         self.queue_pointer = self.add_weight(
             shape=(), initializer="zeros", dtype="int64", trainable=False, name="queue_pointer")
+        # The class of each queued key, -1 when unknown: for the purity diagnosis only.
+        self.label_queue = self.add_weight(
+            shape=(memory_size,), initializer=keras.initializers.Constant(-1), dtype="int64",
+            trainable=False, name="label_queue")
         # Key shuffles are stateless, seeded by (seed, optimiser step): a run restored from
         # its weights and optimiser (BackupAndRestore) continues the same shuffles, which a
         # SeedGenerator's state, not part of the saved weights, would not.
@@ -138,6 +149,7 @@ class ASCLModel(keras.Model):
         self.confidence_tracker = keras.metrics.Mean(name="confidence")
         self.max_soft_label_tracker = keras.metrics.Mean(name="max_soft_label")
         self.accuracy_tracker = keras.metrics.Mean(name="contrastive_accuracy")
+        self.purity_tracker = keras.metrics.Mean(name="soft_label_purity")
         self.built = True
 
     # ----------------------------------------------------------------- inference
@@ -148,7 +160,16 @@ class ASCLModel(keras.Model):
     @property
     def metrics(self):
         return [self.loss_tracker, self.confidence_tracker, self.max_soft_label_tracker,
-                self.accuracy_tracker]
+                self.accuracy_tracker, *([self.purity_tracker] if self.label_purity else [])]
+
+    def load_own_variables(self, store):
+        """Also reads weights saved before the label queue existed (it then starts empty)."""
+        own = self._trainable_variables + self._non_trainable_variables
+        if len(store.keys()) == len(own) - 1 and own[-1] is self.label_queue:
+            for index, variable in enumerate(own[:-1]):
+                variable.assign(store[f"{index}"])
+            return
+        super().load_own_variables(store)
 
     # ------------------------------------------------------------------ training
     def _views(self, data):
@@ -170,6 +191,32 @@ class ASCLModel(keras.Model):
             "ASCLModel expects elements (strong_view, weak_view[, labels]) or a dict with keys "
             f"{VIEW_KEYS}; received {type(data).__name__} of structure "
             f"{tf.nest.map_structure(lambda t: getattr(t, 'shape', t), data)}")
+
+    @staticmethod
+    def _labels(data):
+        """The labels in a training element, or None (the structure is known when tracing)."""
+        if isinstance(data, (tuple, list)) and len(data) in (2, 3) and isinstance(data[0], dict):
+            data = data[0]
+        if isinstance(data, dict):
+            return data.get("label")
+        if isinstance(data, (tuple, list)):
+            if len(data) in (2, 3) and isinstance(data[0], (tuple, list)):
+                return data[1]  # ((strong, weak), labels)
+            if len(data) == 3 and data[2] is not None:
+                return data[2]  # (strong, weak, labels)
+        return None
+
+    def _purity(self, targets, labels, label_queue):
+        """Per-row share of the target's queue mass on keys of the row's class, and whether
+        the row has labelled queue mass at all."""
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
+        known = tf.cast(label_queue >= 0, tf.float32)[None, :]
+        same = tf.cast(tf.equal(label_queue[None, :], labels[:, None]), tf.float32) * known
+        queue_mass = targets[:, 1:]
+        mass = tf.reduce_sum(queue_mass * known, axis=1)
+        purity = tf.math.divide_no_nan(tf.reduce_sum(queue_mass * same, axis=1), mass)
+        has_mass = tf.cast((mass > 0) & (labels >= 0), tf.float32)
+        return purity, has_mass
 
     def _encode_keys(self, weak):
         if self.shuffle_keys:
@@ -203,6 +250,7 @@ class ASCLModel(keras.Model):
         num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
         keys = self._encode_keys(weak)
         queue = tf.identity(self.queue.value)  # the queue before this step's keys
+        label_queue = tf.identity(self.label_queue.value)
         variables = self.query_encoder.trainable_variables
         with tf.GradientTape() as tape:
             per_example_loss, logits, targets, confidence = self._objective(
@@ -220,7 +268,10 @@ class ASCLModel(keras.Model):
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply(gradients, variables)
         self._momentum_update()
-        self._enqueue(keys)
+        labels = self._labels(data)
+        if labels is not None and self.label_purity:
+            self.purity_tracker.update_state(*self._purity(targets, labels, label_queue))
+        self._enqueue(keys, labels)
         return self._update_metrics(per_example_loss, logits, targets, confidence)
 
     def test_step(self, data):
@@ -249,11 +300,16 @@ class ASCLModel(keras.Model):
                 pairs.append((key_weight, query_weight))
         return pairs
 
-    def _enqueue(self, keys):
-        """Writes this step's keys (all replicas', in replica order) into the ring."""
+    def _enqueue(self, keys, labels=None):
+        """Writes this step's keys (all replicas', in replica order) into the ring, and their
+        labels (-1 when the data has none) into the label queue at the same places."""
+        if labels is None:
+            labels = tf.fill(tf.shape(keys)[:1], tf.constant(-1, tf.int64))
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
             keys = context.all_gather(keys, axis=0)
+            labels = context.all_gather(labels, axis=0)
         size = self.memory_size
         count = keys.shape[0] if keys.shape[0] is not None else tf.shape(keys)[0]
         pointer = self.queue_pointer.value
@@ -263,6 +319,8 @@ class ASCLModel(keras.Model):
         kept = keys[skip:]
         positions = (pointer + tf.cast(skip + tf.range(tf.shape(kept)[0]), tf.int64)) % size
         self.queue.assign(tf.tensor_scatter_nd_update(self.queue.value, positions[:, None], kept))
+        self.label_queue.assign(tf.tensor_scatter_nd_update(
+            self.label_queue.value, positions[:, None], labels[skip:]))
         self.queue_pointer.assign((pointer + tf.cast(count, tf.int64)) % size)
 
     # ------------------------------------------------------------- serialisation
@@ -281,6 +339,7 @@ class ASCLModel(keras.Model):
             "shuffle_keys": self.shuffle_keys,
             "seed": self.seed,
             "weight_decay": self.weight_decay,
+            "label_purity": self.label_purity,
         }
 
     @classmethod

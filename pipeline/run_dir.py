@@ -33,7 +33,8 @@ def build_model(config, manifest):
     return ASCLModel(backbone, projector, memory_size=a.memory_size, momentum=a.momentum,
                      t1=a.t1, t2=a.t2, num_neighbors=a.num_neighbors, mode=a.mode,
                      shuffle_keys=a.shuffle_keys, seed=config.train.seed,
-                     weight_decay=config.optimizer.weight_decay)
+                     weight_decay=config.optimizer.weight_decay,
+                     label_purity=a.mode != "moco")  # moco targets put no mass on the queue
 
 
 def checkpoint_path(run_dir, checkpoint):

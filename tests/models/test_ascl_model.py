@@ -260,3 +260,57 @@ def test_weight_decay_adds_wd_times_weight_to_the_gradient():
         after[decay] = [w.numpy() for w in model.query_encoder.trainable_weights]
     for w0, plain, decayed in zip(before, after[0.0], after[0.01]):
         np.testing.assert_allclose(decayed - plain, -0.5 * 0.01 * w0, atol=1e-6)
+
+
+def test_label_queue_follows_the_keys_and_purity_matches_numpy():
+    from models import ascl_targets
+
+    strong, weak = _views(8)
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    model = _model(memory_size=16, momentum=1.0, shuffle_keys=False, label_purity=True)
+    # a queue whose first 8 entries carry known classes, the rest unknown (-1)
+    queue_labels = np.array([0, 0, 1, 1, 2, 2, 3, 3] + [-1] * 8)
+    model.label_queue.assign(queue_labels)
+    queue = model.queue.numpy()
+    keys = _keys(model, weak)
+    targets, _ = ascl_targets(tf.constant(keys), tf.constant(queue), t2=0.05, num_neighbors=3,
+                              mode="ascl")
+    mass = targets.numpy()[:, 1:]
+    known = queue_labels >= 0
+    expected = [np.sum(row * (queue_labels == label) * known) / np.sum(row * known)
+                for row, label in zip(mass, labels)]
+    history = model.fit(tf.data.Dataset.from_tensors((strong, weak, labels)), verbose=0)
+    assert history.history["soft_label_purity"][0] == pytest.approx(np.mean(expected), rel=1e-4)
+    # the step's labels took the slots its keys took (the pointer was at 0)
+    np.testing.assert_array_equal(model.label_queue.numpy()[:8], labels)
+    np.testing.assert_array_equal(model.label_queue.numpy()[8:], queue_labels[8:])
+    np.testing.assert_allclose(model.queue.numpy()[:8], keys, atol=1e-5)
+
+
+def test_labels_do_not_change_the_step():
+    strong, weak = _views(8)
+    labels = np.arange(8) % 3
+    without, with_labels = _model(label_purity=True), _model(label_purity=True)
+    without.fit(tf.data.Dataset.from_tensors((strong, weak)), verbose=0)
+    with_labels.fit(tf.data.Dataset.from_tensors((strong, weak, labels)), verbose=0)
+    for a, b in zip(without.weights, with_labels.weights):
+        if "label_queue" not in b.path:
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert (without.label_queue.numpy() == -1).all()
+
+
+def test_weights_saved_before_the_label_queue_still_load(tmp_path):
+    import h5py
+
+    model = _model()
+    strong, weak = _views(8)
+    model.fit(tf.data.Dataset.from_tensors((strong, weak)), verbose=0)
+    path = str(tmp_path / "old.weights.h5")
+    model.save_weights(path)
+    with h5py.File(path, "a") as handle:  # as written before the label queue existed
+        own = handle["vars"]
+        del own[str(len(own) - 1)]
+    restored = _model(seed=1)
+    restored.load_weights(path)
+    np.testing.assert_array_equal(restored.queue.numpy(), model.queue.numpy())
+    assert (restored.label_queue.numpy() == -1).all()

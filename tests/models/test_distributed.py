@@ -124,3 +124,17 @@ def test_synchronised_batch_norm_keeps_replicas_identical(two_replicas):
     for weight in model.query_encoder.weights + model.key_encoder.weights:
         copies = _per_replica(weight)
         np.testing.assert_allclose(copies[0], copies[1], atol=1e-6, err_msg=weight.path)
+
+
+def test_label_queues_gather_every_replicas_labels_in_order(two_replicas):
+    with two_replicas.scope():
+        model = _build(memory_size=12)
+        model.label_purity = True
+    strong, weak = _views(GLOBAL_BATCH * 2, seed=4)
+    labels = np.arange(GLOBAL_BATCH * 2) % 5
+    model.fit(tf.data.Dataset.from_tensor_slices((strong, weak, labels)).batch(GLOBAL_BATCH),
+              verbose=0)
+    first, second = _per_replica(model.label_queue)
+    np.testing.assert_array_equal(first, second)
+    # 16 labels through a ring of 12, in global batch order: the last 4 overwrote slots 0-3
+    np.testing.assert_array_equal(first, np.concatenate([labels[12:], labels[4:12]]))

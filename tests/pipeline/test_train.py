@@ -36,7 +36,8 @@ def test_run_directory_holds_config_checkpoints_logs_and_history(trained_run):
     history = json.load(open(os.path.join(run_dir, "history.json")))
     assert [r["epoch"] for r in history] == [1, 2]
     for key in ("loss", "confidence", "max_soft_label", "contrastive_accuracy", "learning_rate",
-                "val_knn_top1", "test_knn_top1", "epoch_seconds", "images_per_second"):
+                "val_knn_top1", "test_knn_top1", "epoch_seconds", "images_per_second",
+                "soft_label_purity"):
         assert all(np.isfinite(r[key]) for r in history), key
     assert history[1]["learning_rate"] < history[0]["learning_rate"]  # cosine decay
     events = [f for _, _, files in os.walk(os.path.join(run_dir, "tensorboard")) for f in files
