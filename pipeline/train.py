@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 
+import h5py
 import keras
 import tensorflow as tf
 import yaml
@@ -146,12 +147,19 @@ def _best_score(checkpoints_dir):
 
 
 def _epochs_in_backup(backup_dir):
-    """Epochs a previous run of this run directory finished (0 for a new run), as recorded
-    by ``BackupAndRestore``, which restores the model to that point."""
-    path = os.path.join(backup_dir, "training_metadata.json")
-    if not os.path.exists(path):
+    """Epochs a previous run of this run directory finished (0 for a new run), as
+    ``BackupAndRestore`` will restore them: when a kill left the latest weights unreadable
+    it falls back to the previous backup (``double_checkpoint``), and so does this."""
+    weights = os.path.join(backup_dir, "latest.weights.h5")
+    metadata = os.path.join(backup_dir, "training_metadata.json")
+    if os.path.exists(weights):
+        try:
+            h5py.File(weights, "r").close()
+        except OSError:
+            metadata += ".bkp"
+    if not os.path.exists(metadata):
         return 0
-    with open(path) as handle:
+    with open(metadata) as handle:
         return int(json.load(handle)["epoch"])
 
 
@@ -219,7 +227,6 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
     guard = lambda callback: run_callbacks.UnlessDiverged(callback, nan_guard)  # noqa: E731
     callback_list = [
         nan_guard,
-        guard(keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=False)),
         # before the kNN monitor, so that epoch time is training time only
         run_callbacks.RunStats(steps_per_epoch * config.optimizer.batch_size),
         guard(knn_monitor),
@@ -229,6 +236,12 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
             save_weights_only=True, save_freq=t.checkpoint_every * steps_per_epoch)),
         run_callbacks.HistoryFile(os.path.join(run_dir, "history.json")),
         keras.callbacks.TensorBoard(paths["tensorboard"], update_freq="epoch"),
+        # Last: an epoch is backed up only once everything above has recorded it, so a
+        # kill in between makes the resumed run redo (and re-record) that epoch instead of
+        # skipping its history record.
+        guard(keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=False,
+                                               double_checkpoint=True)),  # a kill mid-write
+                                               # leaves the previous one to resume from
         *extra_callbacks,
     ]
     if t.view_images:

@@ -348,3 +348,24 @@ def test_training_improves_knn_over_the_initial_encoder(digits16, tmp_path):
     after = encoder_knn(trained.backbone, digits16, **knn)["top1"]
     print(f"kNN top-1 before {before:.4f}, after training {after:.4f}")
     assert after > before + 0.04  # measured: 0.880 -> 0.960 (324 test digits: 0.003 each)
+
+
+def test_a_kill_before_the_history_is_written_leaves_no_gap(digits16, tmp_path, monkeypatch):
+    from pipeline import callbacks as run_callbacks
+
+    config = _config(digits16, "train.epochs=3", "train.knn_every=0", "train.view_images=0")
+    run_dir = str(tmp_path / "run")
+    write = run_callbacks.HistoryFile.on_epoch_end
+
+    def killed_at_epoch_2(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")  # before epoch 2's record is written
+        return write(self, epoch, logs)
+
+    monkeypatch.setattr(run_callbacks.HistoryFile, "on_epoch_end", killed_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir)
+    monkeypatch.undo()
+    train(config, run_dir)
+    history = json.load(open(os.path.join(run_dir, "history.json")))
+    assert [r["epoch"] for r in history] == [1, 2, 3]
