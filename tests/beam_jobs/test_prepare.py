@@ -348,3 +348,29 @@ def test_overwrite_keeps_the_old_dataset_readable_until_the_new_one_is_complete(
     assert sorted(p.name for p in output.iterdir()) == sorted(
         ["manifest.json", "dead_letters-00000-of-00001.jsonl"]
         + [f"{split}-0000{i}-of-00002.tfrecord" for split in ("test", "train") for i in (0, 1)])
+
+
+def test_sigkill_during_overwrite_leaves_the_old_dataset_readable(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "digits"
+    old = run(["--source", "digits", "--image-size", "12", "--output", str(output)])
+    command = [sys.executable, "-m", "beam_jobs.prepare", "--source", "digits",
+               "--image-size", "16", "--output", str(output), "--overwrite", "--num-shards", "3"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and not (output / ".staging").exists():
+        time.sleep(0.02)
+    time.sleep(0.5)  # into the pipeline
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (output / ".staging").exists(), "the job must be killed mid-run for this test"
+    manifest = load_manifest(str(output))  # the old dataset, whole
+    assert manifest["image_shape"] == [12, 12, 3] and manifest["splits"] == old["splits"]
+    assert sum(1 for _ in read_split(manifest, "train")) == old["splits"]["train"]["num_examples"]
+    assert subprocess.run(command, capture_output=True).returncode == 0  # a rerun completes
+    assert load_manifest(str(output))["image_shape"] == [16, 16, 3]
+    assert not (output / ".staging").exists()
