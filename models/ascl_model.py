@@ -172,39 +172,27 @@ class ASCLModel(keras.Model):
         super().load_own_variables(store)
 
     # ------------------------------------------------------------------ training
-    def _views(self, data):
+    def _unpack(self, data):
+        """``(strong, weak, labels or None)`` of a training element, whatever its documented
+        structure (the structure is known when tracing, so this costs nothing per step)."""
         if isinstance(data, dict):
             missing = [key for key in VIEW_KEYS if key not in data]
             if missing:
                 raise ValueError(
                     f"ASCLModel expects dict elements with keys {VIEW_KEYS}; missing {missing}, "
                     f"received keys {sorted(data)}")
-            return data["strong_view"], data["weak_view"]
-        if isinstance(data, (tuple, list)):
-            if len(data) in (2, 3) and isinstance(data[0], dict):
-                return self._views(data[0])  # (views, y, sample_weight) from *_on_batch
-            if len(data) in (2, 3) and isinstance(data[0], (tuple, list)):
-                data = data[0]  # ((strong, weak), labels)
-            if len(data) in (2, 3) and not isinstance(data[0], (tuple, list, dict)):
-                return data[0], data[1]
+            return data["strong_view"], data["weak_view"], data.get("label")
+        if isinstance(data, (tuple, list)) and len(data) in (2, 3):
+            if isinstance(data[0], dict):
+                return self._unpack(data[0])  # (views, y, sample_weight) from *_on_batch
+            if isinstance(data[0], (tuple, list)) and len(data[0]) == 2:
+                return data[0][0], data[0][1], data[1]  # ((strong, weak), labels)
+            if not isinstance(data[0], (tuple, list, dict)):
+                return data[0], data[1], data[2] if len(data) == 3 else None
         raise ValueError(
             "ASCLModel expects elements (strong_view, weak_view[, labels]) or a dict with keys "
             f"{VIEW_KEYS}; received {type(data).__name__} of structure "
             f"{tf.nest.map_structure(lambda t: getattr(t, 'shape', t), data)}")
-
-    @staticmethod
-    def _labels(data):
-        """The labels in a training element, or None (the structure is known when tracing)."""
-        if isinstance(data, (tuple, list)) and len(data) in (2, 3) and isinstance(data[0], dict):
-            data = data[0]
-        if isinstance(data, dict):
-            return data.get("label")
-        if isinstance(data, (tuple, list)):
-            if len(data) in (2, 3) and isinstance(data[0], (tuple, list)):
-                return data[1]  # ((strong, weak), labels)
-            if len(data) == 3 and data[2] is not None:
-                return data[2]  # (strong, weak, labels)
-        return None
 
     def _purity(self, targets, labels, label_queue):
         """Per-row share of the target's queue mass on keys of the row's class, and whether
@@ -246,7 +234,7 @@ class ASCLModel(keras.Model):
         return {metric.name: metric.result() for metric in self.metrics}
 
     def train_step(self, data):
-        strong, weak = self._views(data)
+        strong, weak, labels = self._unpack(data)
         num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
         keys = self._encode_keys(weak)
         queue = tf.identity(self.queue.value)  # the queue before this step's keys
@@ -268,7 +256,6 @@ class ASCLModel(keras.Model):
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply(gradients, variables)
         self._momentum_update()
-        labels = self._labels(data)
         if labels is not None and self.label_purity:
             self.purity_tracker.update_state(*self._purity(targets, labels, label_queue))
         self._enqueue(keys, labels)
@@ -276,7 +263,7 @@ class ASCLModel(keras.Model):
 
     def test_step(self, data):
         """The training objective on held-out pairs; updates neither queue nor keys."""
-        strong, weak = self._views(data)
+        strong, weak, _ = self._unpack(data)
         keys = tf.stop_gradient(_l2_normalize(self.key_encoder(weak, training=False)))
         per_example_loss, logits, targets, confidence = self._objective(
             strong, keys, tf.identity(self.queue.value), training=False)
