@@ -1,4 +1,5 @@
-"""Encoder backbones: ResNet-18/34/50 and a small CNN, as Keras functional models.
+"""Encoder backbones: ResNet-18/34/50, the CIFAR ResNet-20 and a small CNN, as Keras
+functional models.
 
 ResNets are written out here rather than taken from ``keras.applications`` or
 keras-cv because ASCL needs two things neither offers: the CIFAR stem (a 3x3
@@ -17,12 +18,14 @@ from models.normalization import normalization_layer
 
 STEMS = ("cifar", "imagenet")
 RESNET_LAYOUTS = {
-    # depth: (block kind, blocks per stage)
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
+    # depth: (block kind, blocks per stage, widths per stage)
+    18: ("basic", (2, 2, 2, 2), (64, 128, 256, 512)),
+    34: ("basic", (3, 4, 6, 3), (64, 128, 256, 512)),
+    50: ("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512)),
+    # He et al. 2016, section 4.2: the 6n+2-layer CIFAR network with n = 3
+    20: ("basic", (3, 3, 3), (16, 32, 64)),
 }
-BACKBONES = ("resnet18", "resnet34", "resnet50", "small_cnn")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet20", "small_cnn")
 
 
 def _conv(filters, kernel_size, strides, use_bias, name):
@@ -67,8 +70,14 @@ def resnet(depth, *, input_shape=(32, 32, 3), stem="cifar", norm="batch", bn_spl
            name=None):
     """A ResNet-``depth`` feature extractor (no classifier).
 
+    Depth 20 is the 3-stage CIFAR network of He et al. (2016, section 4.2): a 16-channel
+    stem and three stages of three basic blocks at 16/32/64 channels (about 0.27 M
+    parameters).  Its down-sampling shortcuts are 1x1 projections (the paper's option B)
+    rather than zero-padded identities (option A), as in the other depths here; they add
+    about 3 k parameters.
+
     Args:
-      depth: 18, 34 or 50.
+      depth: 18, 34, 50 or 20.
       input_shape: ``(H, W, C)`` of the images.
       stem: ``"cifar"`` (3x3 stride-1 conv, no max-pool) or ``"imagenet"``
         (7x7 stride-2 conv and 3x3 stride-2 max-pool).
@@ -77,8 +86,8 @@ def resnet(depth, *, input_shape=(32, 32, 3), stem="cifar", norm="batch", bn_spl
       name: model name; ``resnet{depth}`` by default.
 
     Returns:
-      A ``keras.Model`` from images to ``[B, 512]`` (18/34) or ``[B, 2048]``
-      (50) features after global average pooling; ``model.feature_dim``.
+      A ``keras.Model`` from images to ``[B, 512]`` (18/34), ``[B, 2048]`` (50) or
+      ``[B, 64]`` (20) features after global average pooling; ``model.feature_dim``.
 
     Example:
       >>> backbone = resnet(18, input_shape=(32, 32, 3), stem="cifar")
@@ -89,20 +98,20 @@ def resnet(depth, *, input_shape=(32, 32, 3), stem="cifar", norm="batch", bn_spl
         raise ValueError(f"`depth` must be one of {sorted(RESNET_LAYOUTS)}, received depth={depth!r}")
     if stem not in STEMS:
         raise ValueError(f"`stem` must be one of {STEMS}, received stem={stem!r}")
-    block_kind, stage_blocks = RESNET_LAYOUTS[depth]
+    block_kind, stage_blocks, widths = RESNET_LAYOUTS[depth]
     block = _basic_block if block_kind == "basic" else _bottleneck_block
     use_bias = norm == "none"
 
     inputs = keras.Input(shape=input_shape, name="images")
     if stem == "cifar":
-        x = _conv(64, 3, 1, use_bias, "stem_conv")(inputs)
+        x = _conv(widths[0], 3, 1, use_bias, "stem_conv")(inputs)
     else:
-        x = _conv(64, 7, 2, use_bias, "stem_conv")(inputs)
+        x = _conv(widths[0], 7, 2, use_bias, "stem_conv")(inputs)
     x = normalization_layer(norm, bn_splits=bn_splits, name="stem_norm")(x)
     x = layers.ReLU(name="stem_relu")(x)
     if stem == "imagenet":
         x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
-    for stage, (filters, blocks) in enumerate(zip((64, 128, 256, 512), stage_blocks)):
+    for stage, (filters, blocks) in enumerate(zip(widths, stage_blocks)):
         for index in range(blocks):
             strides = 2 if stage > 0 and index == 0 else 1
             x = block(x, filters, strides, norm, bn_splits, f"stage{stage + 1}_block{index + 1}")
@@ -135,7 +144,8 @@ def small_cnn(*, input_shape=(32, 32, 3), widths=(32, 64, 128), norm="batch", bn
 
 def build_backbone(name, *, input_shape=(32, 32, 3), stem="cifar", norm="batch", bn_splits=8,
                    widths=(32, 64, 128)):
-    """Backbone by name: ``resnet18``, ``resnet34``, ``resnet50`` or ``small_cnn`` (``widths``)."""
+    """Backbone by name: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet20`` or
+    ``small_cnn`` (``widths``)."""
     if name == "small_cnn":
         return small_cnn(input_shape=input_shape, widths=tuple(widths), norm=norm,
                          bn_splits=bn_splits)

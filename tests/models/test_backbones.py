@@ -24,6 +24,17 @@ def test_resnet50_imagenet_matches_reference_parameter_count():
     assert _trainable_count(model) == 25_557_032 - 2_049_000
 
 
+def test_resnet20_is_he_et_al_cifar_network():
+    # Convolutions 3*3*(3*16 + 6*16*16 + 16*32 + 5*32*32 + 32*64 + 5*64*64) = 267,696; BN
+    # scale and offset 2*(16 + 6*16 + 6*32 + 6*64) = 1,376; the two 1x1 projection
+    # shortcuts 16*32 + 32*64 plus their BN 2*(32 + 64) = 2,752.  The paper's 0.27 M.
+    model = build_backbone("resnet20", input_shape=(32, 32, 3))
+    assert model.feature_dim == 64
+    assert _trainable_count(model) == 267_696 + 1_376 + 2_752
+    assert model.get_layer("stage3_block3_out").output.shape[1:] == (8, 8, 64)
+    assert "stage4_block1_out" not in [layer.name for layer in model.layers]
+
+
 def test_resnet34_width_and_stems():
     cifar = resnet(34, input_shape=(32, 32, 3), stem="cifar")
     imagenet = resnet(34, input_shape=(32, 32, 3), stem="imagenet")
