@@ -28,6 +28,18 @@ Loss (``ascl_loss``)::
 
     logits_i = [q_i . k_i, q_i . queue_1, ..., q_i . queue_M] / t1
     loss_i   = -sum_j target_ij log softmax_j(logits_i)
+
+The BYOL form (``byol_ascl_targets``, ``byol_ascl_loss``; the reference's
+``_forward_byol``) has no queue: a key's neighbours are the other keys of the
+batch, and the loss is BYOL's regression of the online prediction ``h_i`` onto
+the target keys, weighted by the soft labels.  For a batch of N keys::
+
+    p_ij       = softmax_{j != i}(k_i . k_j / t2)                   [N, N - 1]
+    c_i        = 1 - H(p_i) / log(N - 1)       (1 when N == 2)
+    ascl:  label_ij = 1 if j == i else min(1, K * c_i * p_ij)
+    byol:  label_ij = 1 if j == i else 0
+    label_i    = label_i / sum(label_i)                              [N, N]
+    loss_i     = 2 - 2 * sum_j label_ij * (h_i . k_j)
 """
 
 import math
@@ -35,6 +47,7 @@ import math
 import tensorflow as tf
 
 MODES = ("ascl", "ahcl", "hard", "moco")
+BYOL_MODES = ("ascl", "byol")
 
 
 def validate_objective_args(*, t1=None, t2=None, num_neighbors=None, mode=None,
@@ -163,3 +176,105 @@ def ascl_loss(queries, keys, queue, *, t1, t2, num_neighbors, mode):
     targets, _ = ascl_targets(keys, queue, t2=t2, num_neighbors=num_neighbors, mode=mode)
     logits = contrastive_logits(queries, keys, queue, t1=t1)
     return soft_cross_entropy(targets, logits)
+
+
+def _batch_size(tensor, name):
+    """The static number of rows of ``tensor``, checked to be >= 2, or None when dynamic."""
+    size = tensor.shape[0]
+    if size is not None and size < 2:
+        raise ValueError(f"`{name}` must hold at least 2 rows (a key's neighbours are the other "
+                         f"keys of the batch), received N={size}")
+    return size
+
+
+def _validate_byol_args(t2, num_neighbors, mode):
+    if mode not in BYOL_MODES:
+        raise ValueError(f"`mode` must be one of {BYOL_MODES}, received mode={mode!r}")
+    validate_objective_args(t2=t2, num_neighbors=num_neighbors)
+
+
+def byol_ascl_targets(keys, *, t2=0.05, num_neighbors=5, mode="ascl"):
+    """In-batch soft labels of the BYOL form and the keys' confidence.
+
+    Args:
+      keys: ``[N, D]`` key embeddings of the whole (global) batch, N >= 2;
+        normalised here.
+      t2: temperature of the key-to-key similarity distribution.
+      num_neighbors: K, the neighbours a confident key may credit.
+      mode: ``"ascl"`` (soft labels) or ``"byol"`` (identity labels).
+
+    Returns:
+      ``(labels, confidence)``: float32 ``[N, N]`` rows summing to 1 with the
+      positive on the diagonal, and float32 ``[N]`` confidences in ``[0, 1]``
+      (computed in both modes, for monitoring).  Neither carries a gradient.
+
+    Example:
+      >>> keys = tf.random.normal([6, 8])
+      >>> labels, confidence = byol_ascl_targets(keys, t2=0.05, num_neighbors=5)
+      >>> labels.shape, confidence.shape
+      (TensorShape([6, 6]), TensorShape([6]))
+    """
+    _validate_byol_args(t2, num_neighbors, mode)
+    _batch_size(keys, "keys")
+    keys = tf.stop_gradient(_unit_rows(keys))
+    size = tf.shape(keys)[0]
+    diagonal = tf.eye(size, dtype=tf.bool)
+    similarity = tf.matmul(keys, keys, transpose_b=True) / t2
+    # j == i is left out of the distribution: -inf there makes p_ii = 0 exactly.
+    log_p = tf.nn.log_softmax(tf.where(diagonal, -math.inf, similarity), axis=-1)
+    p = tf.where(diagonal, 0.0, tf.exp(log_p))
+    entropy = -tf.reduce_sum(tf.where(diagonal, 0.0, p * log_p), axis=-1)
+    others = tf.cast(size - 1, tf.float32)
+    # N == 2: one neighbour is a certain distribution, H/log(1) would be 0/0.
+    confidence = tf.where(others > 1.0,
+                          1.0 - entropy / tf.math.log(tf.maximum(others, 2.0)), 1.0)
+    confidence = tf.clip_by_value(confidence, 0.0, 1.0)
+    identity = tf.cast(diagonal, tf.float32)
+    if mode == "byol":
+        labels = identity
+    else:  # p_ii = 0, so the diagonal of the neighbour term is 0 and the positive stays 1
+        labels = identity + tf.minimum(1.0, num_neighbors * confidence[:, None] * p)
+    labels = labels / tf.reduce_sum(labels, axis=1, keepdims=True)
+    return tf.stop_gradient(labels), tf.stop_gradient(confidence)
+
+
+def _unit_rows(x):
+    return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=1)
+
+
+def byol_regression_loss(predictions, keys, labels):
+    """``2 - 2 * sum_j labels_ij * (h_i . k_j)`` per row, float32 ``[n]``.
+
+    ``predictions`` (``[n, D]``) are the rows this device computes; ``keys``
+    (``[N, D]``) and ``labels`` (``[n, N]``) span the whole batch, so under a
+    strategy each replica passes its own rows of the global labels.  Both
+    inputs are normalised here; only ``predictions`` carry a gradient.
+    """
+    predictions = _unit_rows(predictions)
+    keys = tf.stop_gradient(_unit_rows(keys))
+    similarity = tf.matmul(predictions, keys, transpose_b=True)
+    return 2.0 - 2.0 * tf.reduce_sum(tf.stop_gradient(labels) * similarity, axis=-1)
+
+
+def byol_ascl_loss(predictions, keys, *, t2=0.05, num_neighbors=5, mode="ascl"):
+    """Per-example loss of ASCL on BYOL, float32 ``[N]``.
+
+    Args:
+      predictions: ``[N, D]`` online predictions ``predictor(projector(backbone(strong)))``;
+        the only input differentiated through.  Normalised here.
+      keys: ``[N, D]`` target-network embeddings of the weak views (same order);
+        normalised here.
+      t2, num_neighbors, mode: as in ``byol_ascl_targets``.
+
+    Returns:
+      float32 ``[N]``: ``2 - 2 * sum_j label_ij * (h_i . k_j)``; with
+      ``mode="byol"`` BYOL's ``2 - 2 * (h_i . k_i)``.  Average it over the
+      *global* batch before taking gradients under a distribution strategy.
+    """
+    _validate_byol_args(t2, num_neighbors, mode)
+    size = _batch_size(predictions, "predictions")
+    if keys.shape[0] is not None and size is not None and keys.shape[0] != size:
+        raise ValueError(f"`predictions` and `keys` must have the same number of rows, "
+                         f"received {size} and {keys.shape[0]}")
+    labels, _ = byol_ascl_targets(keys, t2=t2, num_neighbors=num_neighbors, mode=mode)
+    return byol_regression_loss(predictions, keys, labels)
