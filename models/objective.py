@@ -178,6 +178,10 @@ def ascl_loss(queries, keys, queue, *, t1, t2, num_neighbors, mode):
     return soft_cross_entropy(targets, logits)
 
 
+def _unit_rows(x):
+    return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=1)
+
+
 def _batch_size(tensor, name):
     """The static number of rows of ``tensor``, checked to be >= 2, or None when dynamic."""
     size = tensor.shape[0]
@@ -187,7 +191,8 @@ def _batch_size(tensor, name):
     return size
 
 
-def _validate_byol_args(t2, num_neighbors, mode):
+def validate_byol_args(t2, num_neighbors, mode):
+    """``ValueError`` naming the first invalid argument of the BYOL form."""
     if mode not in BYOL_MODES:
         raise ValueError(f"`mode` must be one of {BYOL_MODES}, received mode={mode!r}")
     validate_objective_args(t2=t2, num_neighbors=num_neighbors)
@@ -214,7 +219,7 @@ def byol_ascl_targets(keys, *, t2=0.05, num_neighbors=5, mode="ascl"):
       >>> labels.shape, confidence.shape
       (TensorShape([6, 6]), TensorShape([6]))
     """
-    _validate_byol_args(t2, num_neighbors, mode)
+    validate_byol_args(t2, num_neighbors, mode)
     _batch_size(keys, "keys")
     keys = tf.stop_gradient(_unit_rows(keys))
     size = tf.shape(keys)[0]
@@ -236,10 +241,6 @@ def byol_ascl_targets(keys, *, t2=0.05, num_neighbors=5, mode="ascl"):
         labels = identity + tf.minimum(1.0, num_neighbors * confidence[:, None] * p)
     labels = labels / tf.reduce_sum(labels, axis=1, keepdims=True)
     return tf.stop_gradient(labels), tf.stop_gradient(confidence)
-
-
-def _unit_rows(x):
-    return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=1)
 
 
 def byol_regression_loss(predictions, keys, labels):
@@ -271,7 +272,7 @@ def byol_ascl_loss(predictions, keys, *, t2=0.05, num_neighbors=5, mode="ascl"):
       ``mode="byol"`` BYOL's ``2 - 2 * (h_i . k_i)``.  Average it over the
       *global* batch before taking gradients under a distribution strategy.
     """
-    _validate_byol_args(t2, num_neighbors, mode)
+    validate_byol_args(t2, num_neighbors, mode)
     size = _batch_size(predictions, "predictions")
     if keys.shape[0] is not None and size is not None and keys.shape[0] != size:
         raise ValueError(f"`predictions` and `keys` must have the same number of rows, "

@@ -1,0 +1,188 @@
+"""BYOLModel: the BYOL form's step, EMA target, saving, and exactness across replicas."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import BYOLModel, build_backbone, byol_ascl_loss, prediction_head, projection_head
+
+SHAPE = (8, 8, 3)
+
+
+def _model(norm="none", predictor_norm="batch", seed=0, compile=True, **kwargs):
+    keras.utils.set_random_seed(seed)
+    backbone = build_backbone("small_cnn", input_shape=SHAPE, norm=norm, bn_splits=2)
+    projector = projection_head(backbone.feature_dim, hidden_dims=(32,), output_dim=16)
+    predictor = prediction_head(16, hidden_dims=(24,), norm=predictor_norm)
+    kwargs.setdefault("num_neighbors", 3)
+    model = BYOLModel(backbone, projector, predictor, seed=seed, **kwargs)
+    if compile:
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    return model
+
+
+def _views(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, *SHAPE), dtype=np.float32), rng.random((n, *SHAPE), dtype=np.float32)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(mode="moco"), "mode"), (dict(num_neighbors=0), "num_neighbors"),
+    (dict(t2=0.0), "t2"), (dict(momentum=1.5), "momentum"),
+    (dict(weight_decay=-1.0), "weight_decay"),
+])
+def test_invalid_settings_raise_value_error_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"{name}="):
+        _model(**kwargs)
+
+
+def test_predictor_must_map_the_embedding_to_itself():
+    backbone = build_backbone("small_cnn", input_shape=SHAPE)
+    projector = projection_head(backbone.feature_dim, hidden_dims=(32,), output_dim=16)
+    with pytest.raises(ValueError, match="`predictor` must map the projector's 16-d"):
+        BYOLModel(backbone, projector, projection_head(16, hidden_dims=(8,), output_dim=12))
+
+
+def test_default_predictor_is_the_reference_one():
+    backbone = build_backbone("small_cnn", input_shape=SHAPE)
+    model = BYOLModel(backbone, projection_head(backbone.feature_dim))
+    kinds = [type(layer).__name__ for layer in model.predictor.layers[1:]]
+    assert kinds == ["Dense", "BatchNormalization", "ReLU", "Dense"]
+    assert model.predictor.layers[1].units == 512 and model.predictor.output_shape == (None, 128)
+
+
+def test_trainable_weights_are_the_online_encoder_and_predictor():
+    model = _model()
+    assert model.key_encoder.trainable_weights == []
+    expected = model.query_encoder.trainable_weights + model.predictor.trainable_weights
+    assert {id(w) for w in model.trainable_weights} == {id(w) for w in expected}
+    for q, k in zip(model.query_encoder.weights, model.key_encoder.weights):
+        np.testing.assert_array_equal(q.numpy(), k.numpy())
+
+
+@pytest.mark.parametrize("mode", ["ascl", "byol"])
+def test_first_step_loss_and_moving_average_target(mode):
+    model = _model(momentum=0.9, mode=mode)
+    strong, weak = _views(6)
+    twin = _model(momentum=0.9, mode=mode, compile=False)
+    twin.set_weights(model.get_weights())
+    keys = twin.key_encoder(weak, training=True)
+    predictions = twin.predictor(twin.query_encoder(strong, training=True), training=True)
+    expected = byol_ascl_loss(predictions, keys, t2=0.05, num_neighbors=3, mode=mode).numpy()
+    target_before = [w.numpy() for w in model.key_encoder.weights]
+    predictor_before = [w.numpy() for w in model.predictor.trainable_weights]
+
+    history = model.fit(tf.data.Dataset.from_tensors((strong, weak)), verbose=0).history
+
+    assert history["loss"][0] == pytest.approx(expected.mean(), abs=1e-5)
+    for q, k, old in zip(model.query_encoder.weights, model.key_encoder.weights, target_before):
+        if q.trainable:
+            np.testing.assert_allclose(k.numpy(), 0.9 * old + 0.1 * q.numpy(), atol=1e-6)
+    assert any(np.abs(w.numpy() - old).max() > 0
+               for w, old in zip(model.predictor.trainable_weights, predictor_before))
+    if mode == "byol":
+        assert history["max_soft_label"][0] == 0.0
+
+
+def test_soft_labels_credit_neighbours_and_purity_matches_numpy():
+    from models import byol_ascl_targets
+
+    # two pairs of near-identical weak views: confident keys with a clear neighbour
+    strong, weak = _views(8)
+    weak[1], weak[3] = weak[0] + 0.01, weak[2] + 0.01
+    labels = np.array([0, 0, 1, 2, 1, 2, 0, 1])
+    model = _model(label_purity=True)
+    targets, _ = byol_ascl_targets(model.key_encoder(weak, training=True), num_neighbors=3)
+    mass = targets.numpy() * (1 - np.eye(8))
+    expected = np.mean([np.sum(row * (labels == label)) / row.sum()
+                        for row, label in zip(mass, labels)])
+    history = model.fit(tf.data.Dataset.from_tensors((strong, weak, labels)), verbose=0).history
+    assert history["soft_label_purity"][0] == pytest.approx(expected, rel=1e-4)
+    assert history["max_soft_label"][0] > 0.0
+
+
+def test_weight_decay_reaches_the_predictor_through_the_loss():
+    strong, weak = _views(8)
+    data = tf.data.Dataset.from_tensors((strong, weak))
+    after = {}
+    for decay in (0.0, 0.01):
+        model = _model(weight_decay=decay, predictor_norm="none")
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+        before = [w.numpy() for w in model.trainable_weights]
+        model.fit(data, verbose=0)
+        after[decay] = [w.numpy() for w in model.trainable_weights]
+    assert len(before) > len(_model().query_encoder.trainable_weights)
+    for w0, plain, decayed in zip(before, after[0.0], after[0.01]):
+        np.testing.assert_allclose(decayed - plain, -0.5 * 0.01 * w0, atol=1e-6)
+
+
+def test_keras_file_round_trip(tmp_path):
+    model = _model(norm="split", mode="ascl", t2=0.07, num_neighbors=2)
+    strong, weak = _views(8)
+    model.fit(tf.data.Dataset.from_tensors((strong, weak)), epochs=2, verbose=0)
+    model.save(tmp_path / "byol.keras")
+    restored = keras.models.load_model(tmp_path / "byol.keras")
+    assert isinstance(restored, BYOLModel)
+    assert (restored.mode, restored.t2, restored.num_neighbors) == ("ascl", 0.07, 2)
+    for a, b in zip(model.weights, restored.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    np.testing.assert_allclose(restored.predict(strong, verbose=0),
+                               model.predict(strong, verbose=0), atol=1e-6)
+
+
+def test_jit_compiled_training_matches_graph_mode():
+    strong, weak = _views(8)
+    data = tf.data.Dataset.from_tensor_slices((strong, weak)).batch(4)
+    results = []
+    for jit in (False, True):
+        model = _model(norm="split")
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=jit)
+        history = model.fit(data, epochs=2, verbose=0).history
+        results.append((history["loss"], model.get_weights()))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_evaluate_leaves_the_weights_alone():
+    model = _model()
+    strong, weak = _views(8)
+    before = [w.numpy() for w in model.weights]
+    result = model.evaluate(tf.data.Dataset.from_tensors((strong, weak)), verbose=0,
+                            return_dict=True)
+    assert np.isfinite(result["loss"])
+    for a, b in zip(before, model.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+# ------------------------------------------------------------------- two replicas
+def _per_replica(variable):
+    return [v.numpy() for v in variable.value.values]
+
+
+@pytest.mark.parametrize("mode", ["ascl", "byol"])
+def test_a_step_on_two_replicas_equals_one_device_on_the_global_batch(two_replicas, mode):
+    """Synchronised BN everywhere, so that statistics are the global batch's on both."""
+    single = _model(norm="sync", predictor_norm="sync", mode=mode, momentum=0.9,
+                    label_purity=True)
+    with two_replicas.scope():
+        mirrored = _model(norm="sync", predictor_norm="sync", mode=mode, momentum=0.9,
+                          label_purity=True)
+    mirrored.set_weights(single.get_weights())
+    strong, weak = _views(16, seed=4)
+    weak[9] = weak[2] + 0.01  # a neighbour across the replicas' halves
+    labels = np.arange(16) % 3
+    data = tf.data.Dataset.from_tensor_slices((strong, weak, labels)).batch(8)
+
+    one = single.fit(data, epochs=2, verbose=0).history
+    two = mirrored.fit(data, epochs=2, verbose=0).history
+
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], atol=1e-5, err_msg=name)
+    for a, b in zip(single.weights, mirrored.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
+        copies = _per_replica(b)
+        np.testing.assert_array_equal(copies[0], copies[1], err_msg=b.path)
+    if mode == "ascl":
+        assert one["max_soft_label"][0] > 0.05  # the cross-replica neighbour was credited
