@@ -70,7 +70,7 @@ def _export(args):
 def _demo(args):
     from pipeline.demo import run_demo
 
-    run_demo(args.workdir, epochs=args.epochs)
+    run_demo(args.workdir, epochs=args.epochs, overrides=args.set)
     return 0
 
 
@@ -129,6 +129,9 @@ def build_parser():
     demo.add_argument("--workdir", default="runs/demo",
                       help="replaced if an earlier demo made it; any other folder is refused")
     demo.add_argument("--epochs", type=int, help="pre-training epochs (default: the config's)")
+    demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override a value of configs/digits_small.yaml, e.g. --set "
+                           "ascl.framework=byol (repeatable)")
     demo.set_defaults(handler=_demo)
 
     version = subcommands.add_parser("version", help="print the versions of ascl, TF and Keras")

@@ -16,7 +16,7 @@ import yaml
 
 from models.backbones import BACKBONES, STEMS
 from models.normalization import NORMALIZATIONS
-from models.objective import MODES
+from models.objective import BYOL_MODES, MODES
 
 
 class ConfigError(ValueError):
@@ -52,17 +52,22 @@ class ModelConfig:
     projector_hidden: typing.List[int] = dataclasses.field(default_factory=lambda: [2048])
     projector_dim: int = 128
     projector_norm: str = "none"
+    predictor_hidden: typing.List[int] = dataclasses.field(default_factory=lambda: [512])
+                                      # ascl.framework byol: the predictor projector_dim ->
+    predictor_norm: str = "batch"     # hidden -> projector_dim (reference: 512, batch norm)
 
 
 @dataclasses.dataclass
 class AsclConfig:
-    mode: str = "ascl"
-    memory_size: int = 4096
+    framework: str = "moco"           # moco: memory queue (ASCLModel); byol: in-batch neighbours,
+                                      # predictor, no queue (BYOLModel)
+    mode: str = "ascl"                # moco: ascl | ahcl | hard | moco; byol: ascl | byol
+    memory_size: int = 4096           # moco only
     momentum: float = 0.99
-    t1: float = 0.1
+    t1: float = 0.1                   # moco only
     t2: float = 0.05
     num_neighbors: int = 5
-    shuffle_keys: bool = True
+    shuffle_keys: bool = True         # moco only (BYOL's target has no key shuffle)
 
 
 @dataclasses.dataclass
@@ -199,17 +204,24 @@ def validate(config):
         _at_least(f"model.cnn_widths[{index}]", width, 1)
     for index, width in enumerate(m.projector_hidden):
         _at_least(f"model.projector_hidden[{index}]", width, 1)
-    _choice("ascl.mode", a.mode, MODES)
+    for index, width in enumerate(m.predictor_hidden):
+        _at_least(f"model.predictor_hidden[{index}]", width, 1)
+    _choice("model.predictor_norm", m.predictor_norm, NORMALIZATIONS)
+    _choice("ascl.framework", a.framework, ("moco", "byol"))
+    modes = MODES if a.framework == "moco" else BYOL_MODES
+    if a.mode not in modes:
+        raise ConfigError(f"ascl.mode must be one of {list(modes)} with ascl.framework "
+                          f"{a.framework}, received {a.mode!r}")
     _at_least("ascl.memory_size", a.memory_size, 1)
     _at_least("ascl.num_neighbors", a.num_neighbors, 1)
-    if a.num_neighbors > a.memory_size:
+    if a.framework == "moco" and a.num_neighbors > a.memory_size:
         raise ConfigError(f"ascl.num_neighbors must be <= ascl.memory_size ({a.memory_size}), "
                           f"received {a.num_neighbors}")
     if not 0.0 <= a.momentum <= 1.0:
         raise ConfigError(f"ascl.momentum must be in [0, 1], received {a.momentum!r}")
     _positive("ascl.t1", a.t1)
     _positive("ascl.t2", a.t2)
-    _at_least("optimizer.batch_size", o.batch_size, 1)
+    _at_least("optimizer.batch_size", o.batch_size, 2 if a.framework == "byol" else 1)
     _positive("optimizer.lr", o.lr)
     _choice("optimizer.lr_scaling", o.lr_scaling, ("linear", "none"))
     _at_least("optimizer.reference_batch_size", o.reference_batch_size, 1)

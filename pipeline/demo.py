@@ -27,6 +27,9 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False,
              export_dir="saved_models"):
     """Runs the demo under ``workdir``; returns the summary dict.
 
+    ``overrides`` are ``section.key=value`` strings applied to ``configs/digits_small.yaml``
+    (``ascl demo --set``), e.g. ``ascl.framework=byol``.
+
     A ``workdir`` the demo made before (it holds ``.ascl-demo``) is replaced; any other
     non-empty folder is refused, so a mistyped ``--workdir`` never deletes a user's files.
     """
@@ -55,8 +58,8 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False,
     if quiet:
         sets.append("train.verbose=0")
     config = load_config(CONFIG, sets)
-    say(f"[2/4] pre-training ASCL ({config.model.backbone}, {config.train.epochs} epochs) "
-        f"-> {run_dir}")
+    say(f"[2/4] pre-training ASCL ({config.ascl.framework} form, mode {config.ascl.mode}, "
+        f"{config.model.backbone}, {config.train.epochs} epochs) -> {run_dir}")
     trained = train(config, run_dir)
     say("[3/4] evaluating: kNN on backbone features vs kNN on raw pixels, linear probe")
     report = evaluate_run(run_dir, checkpoint="last")

@@ -15,7 +15,7 @@ import os
 
 import yaml
 
-from models import ASCLModel, build_backbone, projection_head
+from models import ASCLModel, BYOLModel, build_backbone, prediction_head, projection_head
 from pipeline.config import ConfigError, from_dict
 from pipeline.prepared_dataset import load_manifest
 
@@ -23,13 +23,21 @@ BEST_INFO = "best.json"
 
 
 def build_model(config, manifest):
-    """The ``ASCLModel`` a config describes, for the dataset's image shape (in the current scope)."""
+    """The model a config describes (``ASCLModel`` for ``ascl.framework`` moco, ``BYOLModel``
+    for byol), for the dataset's image shape, in the current strategy scope."""
     m, a = config.model, config.ascl
     backbone = build_backbone(m.backbone, input_shape=tuple(manifest["image_shape"]), stem=m.stem,
                               norm=m.norm, bn_splits=m.bn_splits, widths=m.cnn_widths)
     projector = projection_head(backbone.feature_dim, hidden_dims=tuple(m.projector_hidden),
                                 output_dim=m.projector_dim, norm=m.projector_norm,
                                 bn_splits=m.bn_splits)
+    if a.framework == "byol":
+        predictor = prediction_head(m.projector_dim, hidden_dims=tuple(m.predictor_hidden),
+                                    norm=m.predictor_norm, bn_splits=m.bn_splits)
+        return BYOLModel(backbone, projector, predictor, momentum=a.momentum, t2=a.t2,
+                         num_neighbors=a.num_neighbors, mode=a.mode, seed=config.train.seed,
+                         weight_decay=config.optimizer.weight_decay,
+                         label_purity=a.mode == "ascl")  # plain BYOL has no neighbour mass
     return ASCLModel(backbone, projector, memory_size=a.memory_size, momentum=a.momentum,
                      t1=a.t1, t2=a.t2, num_neighbors=a.num_neighbors, mode=a.mode,
                      shuffle_keys=a.shuffle_keys, seed=config.train.seed,

@@ -21,13 +21,12 @@ import os
 import h5py
 import keras
 import tensorflow as tf
-import yaml
 
 from pipeline import callbacks as run_callbacks
 from pipeline import data, splits
 from pipeline.config import ConfigError, dump_config
 from pipeline.prepared_dataset import load_manifest
-from pipeline.run_dir import build_model
+from pipeline.run_dir import build_model, load_run_config
 
 class TrainingError(RuntimeError):
     """Training could not finish (divergence, incompatible resume); the message says why."""
@@ -108,13 +107,12 @@ def _check_resume(config, run_dir, allow_config_change):
 
     A resumed run continues the recorded schedule, data order and optimiser state, so any
     change except a larger ``train.epochs`` (the schedule is stretched to the new end) is
-    refused unless ``allow_config_change``.
+    refused unless ``allow_config_change``.  The recorded config is read as ``ascl
+    evaluate`` reads it, so settings added since the run was made compare as their defaults.
     """
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
         return {}
-    with open(path) as handle:
-        previous = _flatten(yaml.safe_load(handle) or {})
+    previous = _flatten(load_run_config(run_dir).to_dict())
     current = _flatten(config.to_dict())
     changes = {key: [previous.get(key), current.get(key)] for key in sorted(set(previous)
                | set(current)) if previous.get(key) != current.get(key)

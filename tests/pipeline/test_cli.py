@@ -6,6 +6,8 @@ import sys
 
 from pipeline.cli import main
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def test_help_lists_commands(capsys):
     try:
@@ -84,3 +86,50 @@ def test_documented_switch_values_are_accepted_as_typed(tmp_path):
 def test_export_errors_are_one_line_messages(tmp_path, capsys):
     assert main(["export", "--run-dir", str(tmp_path), "--name", "x", "--version", "0"]) == 2
     assert "ascl export: error: --version must be >= 1, received 0" in capsys.readouterr().err
+
+
+def test_byol_framework_through_demo_train_evaluate_and_export(tmp_path, capsys, monkeypatch):
+    """``ascl.framework=byol`` end to end from the command line; the export holds only the
+    online backbone and projector."""
+    import json
+
+    import numpy as np
+    import tensorflow as tf
+
+    from pipeline.run_dir import load_trained_model
+
+    workdir, exports = tmp_path / "demo", tmp_path / "exports"
+    byol = ["--set", "ascl.framework=byol", "--set", "train.knn_every=1"]
+    monkeypatch.chdir(tmp_path)  # the demo exports to ./saved_models
+    assert main(["demo", "--workdir", str(workdir), "--epochs", "1", *byol]) == 0
+    assert "kNN top-1" in capsys.readouterr().out
+    run_dir = str(workdir / "run")
+    # `ascl train` resumes the demo's run for one more epoch
+    assert main(["train", "--config", os.path.join(ROOT, "configs/digits_small.yaml"),
+                 "--run-dir", run_dir, "--set", f"data.dataset={workdir / 'digits16'}",
+                 *byol, "--epochs", "2", "--set", "train.verbose=0"]) == 0
+    history = json.load(open(os.path.join(run_dir, "history.json")))
+    assert [record["epoch"] for record in history] == [1, 2]
+    assert {"loss", "confidence", "max_soft_label", "soft_label_purity",
+            "val_knn_top1"} <= set(history[-1])
+    assert main(["evaluate", "--run-dir", run_dir, "--no-linear"]) == 0
+    report = json.load(open(os.path.join(run_dir, "evaluation.json")))
+    assert report["checkpoint"]["epoch"] == 2 and 0.1 < report["knn"]["top1"] <= 1.0
+    assert main(["export", "--run-dir", run_dir, "--name", "byol",
+                 "--base-dir", str(exports)]) == 0
+
+    model, _, manifest = load_trained_model(run_dir, "last")
+    assert type(model).__name__ == "BYOLModel"
+    served = tf.saved_model.load(str(exports / "byol" / "1"))
+    exported = sorted(v.numpy().size for v in served.variables)
+    online = sorted(int(np.prod(w.shape)) for w in model.backbone.weights + model.projector.weights)
+    assert exported == online  # no predictor, no target branch
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    out = served.signatures["embed_pixels"](images=tf.constant(images))["projection"].numpy()
+    stats = manifest["train_statistics"]
+    x = ((images - np.array(stats["mean"])) / np.array(stats["std"])).astype(np.float32)
+    online_projection = model.projector(model.backbone(x)).numpy()
+    target_projection = model.key_encoder(x).numpy()
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(out, unit(online_projection), atol=1e-5)
+    assert np.abs(unit(target_projection) - out).max() > 1e-3  # the target branch differs

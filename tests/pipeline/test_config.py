@@ -74,6 +74,28 @@ def test_bad_values_name_the_key(override, message):
         load_config("configs/digits_small.yaml", [override])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["ascl.framework=simclr"], r"ascl.framework must be one of \['moco', 'byol'\]"),
+    (["ascl.mode=byol"], r"ascl.mode must be one of \['ascl', 'ahcl', 'hard', 'moco'\] with "
+                         r"ascl.framework moco, received 'byol'"),
+    (["ascl.framework=byol", "ascl.mode=ahcl"], r"ascl.mode must be one of \['ascl', 'byol'\] "
+                                                r"with ascl.framework byol"),
+    (["ascl.framework=byol", "optimizer.batch_size=1"], r"optimizer.batch_size must be >= 2"),
+    (["model.predictor_hidden=[0]"], r"model.predictor_hidden\[0\] must be >= 1"),
+    (["model.predictor_norm=layer"], r"model.predictor_norm must be one of"),
+])
+def test_framework_and_its_modes_are_validated_together(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/digits_small.yaml", overrides)
+
+
+def test_byol_framework_ignores_the_queue_settings():
+    config = load_config("configs/digits_small.yaml", [
+        "ascl.framework=byol", "ascl.mode=byol", "ascl.memory_size=1", "ascl.num_neighbors=5"])
+    assert (config.ascl.framework, config.ascl.mode) == ("byol", "byol")
+    assert (config.model.predictor_hidden, config.model.predictor_norm) == ([512], "batch")
+
+
 def test_missing_or_broken_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"))

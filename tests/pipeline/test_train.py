@@ -10,6 +10,7 @@ import time
 import keras
 import numpy as np
 import pytest
+import yaml
 
 from pipeline.config import ConfigError
 from pipeline.evaluate import evaluate_run
@@ -234,6 +235,10 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed(digits16, tmp_
         train(_config(digits16, "train.epochs=1", "train.knn_every=0", "train.view_images=0"),
               str(tmp_path / "longer"))
     assert not os.path.exists(os.path.join(run_dir, "config_changes.jsonl"))
+    # a run recorded before settings were added: they compare as their defaults
+    recorded = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+    del recorded["ascl"]["framework"], recorded["model"]["predictor_norm"]
+    yaml.safe_dump(recorded, open(os.path.join(run_dir, "config.yaml"), "w"))
     # a larger train.epochs is accepted, and recorded
     train(_config(digits16, "train.epochs=2", "train.knn_every=0", "train.view_images=0"),
           run_dir)
