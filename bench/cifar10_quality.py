@@ -19,7 +19,9 @@ Parts, in priority order (issue 10):
   order, augmentations, lr 0.03 at batch 256 with 5 warm-up epochs then cosine, M=4096,
   t1=0.1, t2=0.05, K=5) pre-trained on all 50,000 training images
   (``data.validation_size=0``, as the reference); arms ``moco``, ``ascl`` (weak key view),
-  ``ascl_strong_key``, ``ahcl``, ``hard``; seeds 0-2 for moco and ascl, seed 0 otherwise;
+  ``ascl_strong_key``, ``ahcl``, ``hard``, and the BYOL form ``byol`` and ``ascl_byol``
+  (``ascl.framework=byol``: predictor, in-batch neighbours, same optimiser and schedule);
+  seeds 0-2 for moco and ascl, seed 0 otherwise;
 * ``b``: the same for 60 epochs, moco and ascl, seed 0;
 * ``c``: a stronger encoder, the CIFAR ResNet-20 of He et al. (16/32/64 channels, 0.27 M
   parameters) in place of the small CNN, 20 epochs, moco and ascl, seed 0.
@@ -45,11 +47,14 @@ ARMS = {
     "ascl_strong_key": ["ascl.mode=ascl", "data.key_view=strong"],
     "ahcl": ["ascl.mode=ahcl"],
     "hard": ["ascl.mode=hard"],
+    # the BYOL form (issue 11): no queue, in-batch neighbours, predictor
+    "byol": ["ascl.framework=byol", "ascl.mode=byol"],
+    "ascl_byol": ["ascl.framework=byol", "ascl.mode=ascl"],
 }
 PARTS = {
     "a": {"epochs": 20, "runs": [("moco", 0), ("ascl", 0), ("moco", 1), ("ascl", 1),
                                  ("moco", 2), ("ascl", 2), ("ascl_strong_key", 0),
-                                 ("ahcl", 0), ("hard", 0)]},
+                                 ("ahcl", 0), ("hard", 0), ("byol", 0), ("ascl_byol", 0)]},
     "b": {"epochs": 60, "runs": [("moco", 0), ("ascl", 0)]},
     "c": {"epochs": 20, "runs": [("moco", 0), ("ascl", 0)],
           "overrides": ["model.backbone=resnet20"]},
@@ -127,7 +132,7 @@ def summarize(results_dir):
         per_epoch = [[r["history"][i]["knn_top1"] for r in runs] for i in range(epochs)]
         mean, std = _mean_std(finals)
         out[key] = {
-            "part": runs[0]["part"], "seeds": [r["seed"] for r in runs],
+            "part": runs[0]["part"], "arm": runs[0]["arm"], "seeds": [r["seed"] for r in runs],
             "knn_top1_final": finals, "knn_top1_mean": mean, "knn_top1_std": std,
             "per_epoch_mean": [statistics.fmean(v) for v in per_epoch],
             "per_epoch_std": [_mean_std(v)[1] for v in per_epoch],
@@ -143,28 +148,40 @@ def summarize(results_dir):
     return out
 
 
+PART_TITLES = {"a": "small CNN, 20 epochs", "b": "small CNN, 60 epochs",
+               "c": "ResNet-20, 20 epochs"}
+
+
 def plot(summary, raw_pixel, path):
+    """One panel per part: mean kNN curve per arm, min-max band across seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.5, 4.8))
-    for arm, info in summary.items():
-        epochs = range(1, len(info["per_epoch_mean"]) + 1)
-        label = f"{arm} ({len(info['seeds'])} seed{'s' if len(info['seeds']) > 1 else ''})"
-        line, = axis.plot(epochs, [100 * v for v in info["per_epoch_mean"]], label=label)
-        if len(info["seeds"]) > 1:
-            axis.fill_between(epochs, [100 * v for v in info["per_epoch_min"]],
-                              [100 * v for v in info["per_epoch_max"]], alpha=0.2,
-                              color=line.get_color())
-    if raw_pixel is not None:
-        axis.axhline(100 * raw_pixel, color="gray", linestyle="--", label="raw-pixel kNN")
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("kNN top-1 on CIFAR-10 test (%)")
-    axis.set_title("CIFAR-10, small CNN, 2-core CPU: mean over seeds, min-max band")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    parts = sorted({info["part"] for info in summary.values()})
+    figure, axes = plt.subplots(1, max(len(parts), 1), figsize=(6.2 * max(len(parts), 1), 4.8),
+                                squeeze=False)
+    for axis, part in zip(axes[0], parts):
+        for arm, info in summary.items():
+            if info["part"] != part:
+                continue
+            epochs = range(1, len(info["per_epoch_mean"]) + 1)
+            seeds = len(info["seeds"])
+            label = f"{info['arm']} ({seeds} seed{'s' if seeds > 1 else ''})"
+            line, = axis.plot(epochs, [100 * v for v in info["per_epoch_mean"]], label=label)
+            if seeds > 1:
+                axis.fill_between(epochs, [100 * v for v in info["per_epoch_min"]],
+                                  [100 * v for v in info["per_epoch_max"]], alpha=0.2,
+                                  color=line.get_color())
+        if raw_pixel is not None:
+            axis.axhline(100 * raw_pixel, color="gray", linestyle="--", label="raw-pixel kNN")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("kNN top-1 on CIFAR-10 test (%)")
+        axis.set_title(f"part {part}: {PART_TITLES.get(part, part)}")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle("CIFAR-10 on a 2-core CPU: mean over seeds, min-max band")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
