@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
+import tempfile
 import time
 
+import h5py
 import keras
 import numpy as np
 import tensorflow as tf
@@ -69,11 +72,16 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
 
     MONITOR = "val_knn_top1"
 
-    def __init__(self, path, *, split_description):
+    def __init__(self, path, *, split_description, restore_dir=None):
+        """``restore_dir``: where a resumed run's ``best.json`` is (the chief's
+        checkpoints folder when this worker writes elsewhere); ``path``'s folder by default.
+        Every worker must start from the same best score, or they would save on different
+        epochs."""
         self.info_path = os.path.join(os.path.dirname(path), BEST_INFO)
+        previous_path = os.path.join(restore_dir or os.path.dirname(path), BEST_INFO)
         previous = None
-        if os.path.exists(self.info_path):
-            with open(self.info_path) as handle:
+        if os.path.exists(previous_path):
+            with open(previous_path) as handle:
                 previous = json.load(handle)["knn_top1"]
         super().__init__(path, monitor=self.MONITOR, mode="max", save_best_only=True,
                          save_weights_only=True, initial_value_threshold=previous)
@@ -227,3 +235,70 @@ class UnlessDiverged(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self.nan_guard.message:
             self.callback.on_epoch_end(epoch, logs)
+
+
+def readable_backup(backup_dir):
+    """``(weights path or None, epochs done)`` of the backup a resumed run restores.
+
+    ``BackupAndRestore(double_checkpoint=True)`` keeps the previous backup beside the latest
+    (``*.bkp``); when a kill left the latest weights unreadable, the previous pair is the one
+    to resume from.  The one policy for the trainer (to skip the batches already trained on)
+    and for ``ClusterBackupAndRestore`` (to load them).
+    """
+    weights = os.path.join(backup_dir, "latest.weights.h5")
+    metadata = os.path.join(backup_dir, "training_metadata.json")
+    if os.path.exists(weights):
+        try:
+            h5py.File(weights, "r").close()
+        except OSError:
+            weights, metadata = weights + ".bkp", metadata + ".bkp"
+    if not os.path.exists(metadata) or not os.path.exists(weights):
+        return None, 0
+    with open(metadata) as handle:
+        return weights, int(json.load(handle)["epoch"])
+
+
+class ClusterBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` for runs that may span several workers.
+
+    Where the stock callback falls short: it restores from and saves to one folder, and
+    repairs a damaged backup at restore time by copying files in it.  In a cluster every
+    worker must restore the *chief's* backup (``restore_dir``, on storage they share) but only
+    the chief may write there; other workers save to their own ``backup_dir``, as Keras's
+    multi-worker guide has them do.  So restoring here never writes: it loads the readable
+    pair (``readable_backup``), and a damaged latest backup is only replaced when the chief
+    next saves, by which time every worker has restored (saving follows a training step,
+    which needs all of them).  Keeps two backups and never deletes them.
+    """
+
+    def __init__(self, backup_dir, *, restore_dir=None):
+        super().__init__(backup_dir, double_checkpoint=True, delete_checkpoint=False)
+        self.restore_dir = restore_dir or backup_dir
+        self._latest_damaged = False
+
+    def on_train_begin(self, logs=None):
+        weights, epoch = readable_backup(self.restore_dir)
+        if weights is None:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        if weights.endswith(".weights.h5"):
+            self.model.load_weights(weights)
+        else:  # the previous backup, *.bkp: Keras loads only files named *.weights.h5
+            with tempfile.TemporaryDirectory() as folder:
+                copy = os.path.join(folder, "previous.weights.h5")
+                shutil.copyfile(weights, copy)
+                self.model.load_weights(copy)
+        self.model._initial_epoch = epoch  # what the stock callback sets
+        self._latest_damaged = (weights.endswith(".bkp")
+                                and os.path.abspath(self.restore_dir)
+                                == os.path.abspath(self.backup_dir))
+
+    def _save_model(self):
+        if self._latest_damaged:
+            # The stock save would first copy the damaged latest pair over the good previous one.
+            for path in (self._weights_path, self._training_metadata_path):
+                if os.path.exists(path):
+                    os.remove(path)
+            self._latest_damaged = False
+        super()._save_model()

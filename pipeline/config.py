@@ -10,6 +10,7 @@ range raises ``ConfigError`` naming ``section.key``.
 
 import dataclasses
 import difflib
+import os
 import typing
 
 import yaml
@@ -310,5 +311,7 @@ def load_config(path=None, overrides=None):
 
 
 def dump_config(config, path):
-    with open(path, "w") as handle:
+    """Writes the config as YAML, atomically: another worker of the run may be reading it."""
+    with open(path + ".tmp", "w") as handle:
         yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
+    os.replace(path + ".tmp", path)

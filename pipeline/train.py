@@ -14,11 +14,13 @@ A run directory holds everything a run makes::
 Nothing is created before the configuration and the dataset have been checked.
 """
 
+import contextlib
 import datetime
 import json
 import os
+import shutil
+import tempfile
 
-import h5py
 import keras
 import tensorflow as tf
 
@@ -33,7 +35,11 @@ class TrainingError(RuntimeError):
 
 
 def resolve_strategy(name):
-    """``auto``: MirroredStrategy over the visible GPUs when there are several, else default."""
+    """``auto``: MirroredStrategy over the visible GPUs when there are several, else default.
+
+    ``multi_worker`` must be created before anything initialises TensorFlow's context (any
+    op, device listing or dataset), which is why ``train`` resolves the strategy first.
+    """
     if name == "auto":
         gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
@@ -42,7 +48,17 @@ def resolve_strategy(name):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as error:
+            if "program startup" not in str(error):
+                raise
+            raise TrainingError(
+                "train.strategy multi_worker must be created before TensorFlow runs anything "
+                "in this process; from Python, create "
+                "tf.distribute.MultiWorkerMirroredStrategy() at the start of the program and "
+                "pass it as train(config, run_dir, strategy=...) (the `ascl train` command "
+                "does this itself)") from error
     raise ConfigError(f"train.strategy must be auto, default, mirrored or multi_worker, "
                       f"received {name!r}")
 
@@ -74,7 +90,7 @@ def training_selections(config, manifest):
     return train, validation
 
 
-def _check_dataset(config, manifest):
+def _check_dataset(config, manifest, replicas=1):
     for key, split in (("data.train_split", config.data.train_split),
                        ("data.eval_split", config.data.eval_split)):
         if split not in manifest["splits"]:
@@ -87,9 +103,14 @@ def _check_dataset(config, manifest):
     if steps < 1:
         raise ConfigError(f"optimizer.batch_size {config.optimizer.batch_size} is larger than the "
                           f"{available} training images ({train_selection.description})")
-    if config.model.norm == "split" and config.optimizer.batch_size % config.model.bn_splits:
-        raise ConfigError(f"model.bn_splits ({config.model.bn_splits}) must divide "
-                          f"optimizer.batch_size ({config.optimizer.batch_size})")
+    batch = config.optimizer.batch_size
+    if batch % replicas:
+        raise ConfigError(f"optimizer.batch_size ({batch}) must be a multiple of the "
+                          f"{replicas} replicas of the distribution strategy")
+    if config.model.norm == "split" and (batch // replicas) % config.model.bn_splits:
+        raise ConfigError(f"model.bn_splits ({config.model.bn_splits}) must divide the batch "
+                          f"each replica normalises, optimizer.batch_size / replicas = "
+                          f"{batch} / {replicas} = {batch // replicas}")
     return steps, train_selection, validation
 
 
@@ -144,25 +165,29 @@ def _best_score(checkpoints_dir):
         return json.load(handle)["knn_top1"]
 
 
-def _epochs_in_backup(backup_dir):
-    """Epochs a previous run of this run directory finished (0 for a new run), as
-    ``BackupAndRestore`` will restore them: when a kill left the latest weights unreadable
-    it falls back to the previous backup (``double_checkpoint``), and so does this."""
-    weights = os.path.join(backup_dir, "latest.weights.h5")
-    metadata = os.path.join(backup_dir, "training_metadata.json")
-    if os.path.exists(weights):
-        try:
-            h5py.File(weights, "r").close()
-        except OSError:
-            metadata += ".bkp"
-    if not os.path.exists(metadata):
-        return 0
-    with open(metadata) as handle:
-        return int(json.load(handle)["epoch"])
-
-
 def _jit(setting):
     return {"auto": "auto", "on": True, "off": False}[setting]
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's files: TF's own answer (``should_checkpoint``),
+    true for every single-process strategy and for the chief of a multi-worker cluster."""
+    return strategy.extended.should_checkpoint
+
+
+@contextlib.contextmanager
+def _write_dir(run_dir, chief):
+    """The chief writes into ``run_dir``; any other worker into a temporary folder that is
+    removed afterwards, as Keras's multi-worker guide has them do (every worker still runs
+    every save, so that the workers' steps stay in lock-step)."""
+    if chief:
+        yield run_dir
+        return
+    path = tempfile.mkdtemp(prefix="ascl-worker-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_change=False):
@@ -170,26 +195,44 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
 
     Resuming with a changed configuration is refused (``_check_resume``) unless
     ``allow_config_change``; an accepted change is recorded in ``config_changes.jsonl``.
+
+    In a multi-worker cluster every worker calls this with the same ``run_dir`` (storage they
+    share): only the chief writes there (config, history, summary, TensorBoard, checkpoints,
+    backups); every worker resumes from the chief's backup.
     """
-    manifest = load_manifest(config.data.dataset)
-    steps_per_epoch, train_selection, validation = _check_dataset(config, manifest)
-    changes = _check_resume(config, run_dir, allow_config_change)
     t = config.train
+    # First: a multi-worker strategy must exist before TensorFlow's context does.
     strategy = strategy or resolve_strategy(t.strategy)
+    manifest = load_manifest(config.data.dataset)
+    steps_per_epoch, train_selection, validation = _check_dataset(
+        config, manifest, strategy.num_replicas_in_sync)
+    changes = _check_resume(config, run_dir, allow_config_change)
+    chief = is_chief(strategy)
+    with _write_dir(run_dir, chief) as write_dir:
+        return _train(config, run_dir, write_dir, chief, strategy, manifest, steps_per_epoch,
+                      train_selection, validation, changes, extra_callbacks, allow_config_change)
+
+
+def _train(config, run_dir, write_dir, chief, strategy, manifest, steps_per_epoch,
+           train_selection, validation, changes, extra_callbacks, allow_config_change):
+    t = config.train
     keras.utils.set_random_seed(t.seed)
     keras.mixed_precision.set_global_policy(
         "float32" if t.mixed_precision == "none" else t.mixed_precision)
 
-    paths = {name: os.path.join(run_dir, name) for name in ("checkpoints", "backup", "tensorboard")}
+    names = ("checkpoints", "backup", "tensorboard")
+    paths = {name: os.path.join(write_dir, name) for name in names}
     for path in paths.values():
         os.makedirs(path, exist_ok=True)
-    if changes:
+    if changes and chief:
         _record_config_change(run_dir, changes, "--allow-config-change" if allow_config_change
                               and any(key != "train.epochs" for key in changes)
                               else "a larger train.epochs")
-    dump_config(config, os.path.join(run_dir, "config.yaml"))
+    dump_config(config, os.path.join(write_dir, "config.yaml"))
 
-    done_epochs = _epochs_in_backup(paths["backup"])
+    # Every worker resumes from the chief's backup, and so skips the same batches.
+    chief_backup = os.path.join(run_dir, "backup")
+    _, done_epochs = run_callbacks.readable_backup(chief_backup)
 
     def dataset_fn(input_context=None, skip_batches=done_epochs * steps_per_epoch):
         return data.pretrain_dataset(
@@ -221,7 +264,8 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
         temperature=config.evaluation.knn_temperature, batch_size=config.evaluation.batch_size)
     best_checkpoint = (run_callbacks.BestCheckpoint(
         os.path.join(paths["checkpoints"], "best.weights.h5"),
-        split_description=validation.description) if validation else None)
+        split_description=validation.description,
+        restore_dir=os.path.join(run_dir, "checkpoints")) if validation else None)
     guard = lambda callback: run_callbacks.UnlessDiverged(callback, nan_guard)  # noqa: E731
     callback_list = [
         nan_guard,
@@ -232,14 +276,12 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
         guard(keras.callbacks.ModelCheckpoint(
             os.path.join(paths["checkpoints"], "epoch_{epoch:04d}.weights.h5"),
             save_weights_only=True, save_freq=t.checkpoint_every * steps_per_epoch)),
-        run_callbacks.HistoryFile(os.path.join(run_dir, "history.json")),
+        run_callbacks.HistoryFile(os.path.join(write_dir, "history.json")),
         keras.callbacks.TensorBoard(paths["tensorboard"], update_freq="epoch"),
         # Last: an epoch is backed up only once everything above has recorded it, so a
         # kill in between makes the resumed run redo (and re-record) that epoch instead of
         # skipping its history record.
-        guard(keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=False,
-                                               double_checkpoint=True)),  # a kill mid-write
-                                               # leaves the previous one to resume from
+        guard(run_callbacks.ClusterBackupAndRestore(paths["backup"], restore_dir=chief_backup)),
         *extra_callbacks,
     ]
     if t.view_images:
@@ -254,18 +296,20 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
     if nan_guard.message:
         raise TrainingError(nan_guard.message)
     model.save_weights(os.path.join(paths["checkpoints"], "last.weights.h5"))
-    with open(os.path.join(run_dir, "history.json")) as handle:
+    with open(os.path.join(write_dir, "history.json")) as handle:
         history = json.load(handle)
+    checkpoints = os.path.join(run_dir, "checkpoints")  # the chief's, for every worker
     summary = {
         "run_dir": run_dir, "epochs": t.epochs, "replicas": strategy.num_replicas_in_sync,
-        "final": history[-1] if history else None,
+        "chief": chief, "final": history[-1] if history else None,
         "trained_on": train_selection.description,
         "best_val_knn_top1": _best_score(paths["checkpoints"]),
-        "checkpoints": {"last": os.path.join(paths["checkpoints"], "last.weights.h5"),
-                        **({"best": os.path.join(paths["checkpoints"], "best.weights.h5")}
+        "checkpoints": {"last": os.path.join(checkpoints, "last.weights.h5"),
+                        **({"best": os.path.join(checkpoints, "best.weights.h5")}
                            if os.path.exists(os.path.join(paths["checkpoints"],
                                                           "best.weights.h5")) else {})},
     }
-    with open(os.path.join(run_dir, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
+    if chief:
+        with open(os.path.join(run_dir, "summary.json"), "w") as handle:
+            json.dump(summary, handle, indent=2)
     return summary
