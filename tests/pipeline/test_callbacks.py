@@ -88,3 +88,62 @@ def test_without_validation_only_the_test_curve_is_logged(digits16, monkeypatch)
     monitor.on_epoch_end(0, logs)
     assert logs == {"test_knn_top1": 0.5}
     assert np.isfinite(logs["test_knn_top1"])
+
+
+def _dense_model(value):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.set_weights([np.full((2, 1), value, np.float32), np.zeros(1, np.float32)])
+    return model
+
+
+def _write_backup(folder, value, epoch, suffix=""):
+    os.makedirs(folder, exist_ok=True)
+    _dense_model(value).save_weights(os.path.join(folder, "latest.weights.h5"))
+    if suffix:
+        os.replace(os.path.join(folder, "latest.weights.h5"),
+                   os.path.join(folder, "latest.weights.h5" + suffix))
+    with open(os.path.join(folder, "training_metadata.json" + suffix), "w") as handle:
+        json.dump({"epoch": epoch, "batch": 0}, handle)
+
+
+def _restore(backup_dir, restore_dir=None):
+    model = _dense_model(0.0)
+    callback = callbacks.ClusterBackupAndRestore(backup_dir, restore_dir=restore_dir)
+    callback.set_model(model)
+    callback.on_train_begin()
+    return model, callback
+
+
+def test_backup_with_a_damaged_latest_restores_the_previous_and_keeps_it(tmp_path):
+    folder = str(tmp_path / "backup")
+    _write_backup(folder, 2.0, epoch=2, suffix=".bkp")
+    _write_backup(folder, 3.0, epoch=3)
+    with open(os.path.join(folder, "latest.weights.h5"), "wb") as handle:
+        handle.write(b"half-written")  # a kill in mid-save
+    assert callbacks.readable_backup(folder)[1] == 2
+    model, callback = _restore(folder)
+    assert model.get_weights()[0][0, 0] == 2.0 and model._initial_epoch == 2
+    assert open(os.path.join(folder, "latest.weights.h5"), "rb").read() == b"half-written"
+    # the next save replaces the damaged pair and keeps the good previous one as previous
+    model.set_weights([np.full((2, 1), 4.0, np.float32), np.zeros(1, np.float32)])
+    callback.on_epoch_end(2)
+    restored, _ = _restore(folder)
+    assert restored.get_weights()[0][0, 0] == 4.0 and restored._initial_epoch == 3
+    # the stock callback would have copied the damaged file over the previous backup
+    with open(os.path.join(folder, "latest.weights.h5"), "wb") as handle:
+        handle.write(b"killed again")
+    restored, _ = _restore(folder)
+    assert restored.get_weights()[0][0, 0] == 2.0 and restored._initial_epoch == 2
+
+
+def test_a_worker_restores_the_chiefs_backup_and_writes_only_its_own(tmp_path):
+    chief, own = str(tmp_path / "run" / "backup"), str(tmp_path / "worker" / "backup")
+    _write_backup(chief, 5.0, epoch=4)
+    before = sorted(os.listdir(chief))
+    model, callback = _restore(own, restore_dir=chief)
+    assert model.get_weights()[0][0, 0] == 5.0 and model._initial_epoch == 4
+    callback.on_epoch_end(4)
+    assert sorted(os.listdir(chief)) == before
+    assert json.load(open(os.path.join(chief, "training_metadata.json")))["epoch"] == 4
+    assert json.load(open(os.path.join(own, "training_metadata.json")))["epoch"] == 5
