@@ -154,7 +154,7 @@ class ASCLModel(MomentumEncoderModel):
         self.max_soft_label_tracker.update_state(tf.reduce_max(targets[:, 1:], axis=1))
         self.accuracy_tracker.update_state(
             tf.cast(tf.equal(tf.argmax(logits, axis=1), 0), tf.float32))
-        return {metric.name: metric.result() for metric in self.metrics}
+        return self._metric_logs()
 
     def train_step(self, data):
         strong, weak, labels = self._unpack(data)

@@ -126,7 +126,7 @@ class BYOLModel(MomentumEncoderModel):
         if labels is not None and self.label_purity:
             self.purity_tracker.update_state(
                 *self._purity(neighbour_mass, labels, batch_labels))
-        return {metric.name: metric.result() for metric in self.metrics}
+        return self._metric_logs()
 
     def train_step(self, data):
         strong, weak, labels = self._unpack(data)

@@ -75,6 +75,21 @@ class MomentumEncoderModel(keras.Model):
         """Backbone features of ``inputs`` (the embeddings used downstream)."""
         return self.backbone(inputs, training=training)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Builds the optimiser only: this model's variables exist from construction.
+
+        Keras's version (TF backend) draws a batch and averages it across replicas with
+        ``strategy.reduce`` just to trace the model symbolically, and under
+        ``MultiWorkerMirroredStrategy`` with more than one worker that reduce fails on any
+        structured element ("Attempt to convert a value (PerReplica...)",
+        keras-team/keras#20585), so ``fit`` could not start on a cluster.
+        """
+        del iterator, data_batch
+        with self.distribute_strategy.scope():
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
+        self._post_build()
+
     # ------------------------------------------------------------------ training
     def _unpack(self, data):
         """``(strong, weak, labels or None)`` of a training element, whatever its documented
@@ -98,6 +113,21 @@ class MomentumEncoderModel(keras.Model):
             f"{kind} expects elements (strong_view, weak_view[, labels]) or a dict with keys "
             f"{VIEW_KEYS}; received {type(data).__name__} of structure "
             f"{tf.nest.map_structure(lambda t: getattr(t, 'shape', t), data)}")
+
+    def _metric_logs(self):
+        """The metrics' results as ``train_step`` / ``test_step`` return them.
+
+        Under ``MultiWorkerMirroredStrategy`` across workers, Keras averages the logs with
+        ``strategy.reduce("MEAN", value, axis=0)``, which fails on scalars
+        (keras-team/keras#20585), so there each result is returned as a 1-vector; the reduce
+        then gives the scalar mean over replicas that a single-worker strategy gives.
+        """
+        results = {metric.name: metric.result() for metric in self.metrics}
+        strategy = tf.distribute.get_strategy()
+        if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                and strategy.extended._in_multi_worker_mode()):  # Keras's own test
+            results = {name: tf.reshape(value, [1]) for name, value in results.items()}
+        return results
 
     def _step_seed(self):
         """``[seed, optimiser step]``: the seed of this step's stateless draws."""
