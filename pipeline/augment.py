@@ -38,7 +38,9 @@ import math
 import tensorflow as tf
 
 # PIL's "L" conversion (ITU-R 601-2), which the reference's transforms on PIL images use.
-_GRAY = tf.constant([0.299, 0.587, 0.114])
+# A plain tuple: a module-level tf.constant would initialise TensorFlow's context on import,
+# after which a multi-worker strategy can no longer be created.
+_GRAY = (0.299, 0.587, 0.114)
 
 
 def _split(seed, count):
@@ -59,7 +61,7 @@ def _per_image(mask):
 
 
 def _grayscale(images):
-    return tf.reduce_sum(images * _GRAY, axis=-1, keepdims=True)
+    return tf.reduce_sum(images * tf.constant(_GRAY, images.dtype), axis=-1, keepdims=True)
 
 
 def resized_crop_windows(seed, batch, height, width, *, scale=(0.08, 1.0),

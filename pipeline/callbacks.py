@@ -98,6 +98,22 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
                            "split": self.split_description}, handle)
 
 
+class EpochCheckpoint(keras.callbacks.ModelCheckpoint):
+    """``ModelCheckpoint`` of the weights every ``every`` epochs of the run.
+
+    Where the stock callback falls short: ``save_freq=N`` counts batches from the start of
+    each ``fit`` call, so a resumed run would save on epochs shifted by where it resumed.
+    """
+
+    def __init__(self, path, every):
+        super().__init__(path, save_weights_only=True, save_freq="epoch")
+        self.every = every
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0:
+            super().on_epoch_end(epoch, logs)
+
+
 class RunStats(keras.callbacks.Callback):
     """Puts the learning rate, the epoch's wall time and its images/s into each epoch's logs."""
 

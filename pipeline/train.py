@@ -273,9 +273,9 @@ def _train(config, run_dir, write_dir, chief, strategy, manifest, steps_per_epoc
         run_callbacks.RunStats(steps_per_epoch * config.optimizer.batch_size),
         guard(knn_monitor),
         *([guard(best_checkpoint)] if best_checkpoint else []),  # after the monitor: its score
-        guard(keras.callbacks.ModelCheckpoint(
+        guard(run_callbacks.EpochCheckpoint(
             os.path.join(paths["checkpoints"], "epoch_{epoch:04d}.weights.h5"),
-            save_weights_only=True, save_freq=t.checkpoint_every * steps_per_epoch)),
+            every=t.checkpoint_every)),
         run_callbacks.HistoryFile(os.path.join(write_dir, "history.json")),
         keras.callbacks.TensorBoard(paths["tensorboard"], update_freq="epoch"),
         # Last: an epoch is backed up only once everything above has recorded it, so a

@@ -24,9 +24,10 @@ def free_ports(count):
             sock.close()
 
 
-def worker_env(ports, index):
+def worker_env(ports, index, extra_env=None):
     """The environment of worker ``index``: ``TF_CONFIG`` naming every worker, one CPU each."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env.update(extra_env or {})
     env["TF_CONFIG"] = json.dumps({
         "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
         "task": {"type": "worker", "index": index}})
@@ -36,7 +37,7 @@ def worker_env(ports, index):
 
 
 @contextlib.contextmanager
-def cluster(command_of, count=2, log_dir=None):
+def cluster(command_of, count=2, log_dir=None, extra_env=None):
     """Starts ``count`` workers running ``command_of(index)``; yields the ``Popen``s, and kills
     whatever still runs on the way out, whether the test passed or failed."""
     ports = free_ports(count)
@@ -46,7 +47,7 @@ def cluster(command_of, count=2, log_dir=None):
             log = (open(os.path.join(log_dir, f"worker{index}.log"), "ab") if log_dir
                    else subprocess.DEVNULL)
             processes.append(subprocess.Popen(
-                command_of(index), env=worker_env(ports, index), cwd=ROOT, stdout=log,
+                command_of(index), env=worker_env(ports, index, extra_env), cwd=ROOT, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True))
         yield processes
     finally:
@@ -54,6 +55,13 @@ def cluster(command_of, count=2, log_dir=None):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def kill(process):
+    """SIGKILL, as a lost machine or an OOM kill would end it."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def wait_all(processes, timeout):

@@ -147,3 +147,13 @@ def test_a_worker_restores_the_chiefs_backup_and_writes_only_its_own(tmp_path):
     assert sorted(os.listdir(chief)) == before
     assert json.load(open(os.path.join(chief, "training_metadata.json")))["epoch"] == 4
     assert json.load(open(os.path.join(own, "training_metadata.json")))["epoch"] == 5
+
+
+def test_epoch_checkpoints_follow_the_run_not_the_fit_call(tmp_path):
+    model = _dense_model(1.0)
+    x, y = np.zeros((6, 2), np.float32), np.zeros((6, 1), np.float32)
+    checkpoint = callbacks.EpochCheckpoint(str(tmp_path / "epoch_{epoch:04d}.weights.h5"), every=4)
+    # a resumed run: epochs 3..9 of the run, 2 steps each (the stock save_freq=8 batches
+    # would save after epochs 6 and 10 of the run)
+    model.fit(x, y, batch_size=3, initial_epoch=2, epochs=9, callbacks=[checkpoint], verbose=0)
+    assert sorted(os.listdir(tmp_path)) == ["epoch_0004.weights.h5", "epoch_0008.weights.h5"]

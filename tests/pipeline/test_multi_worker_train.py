@@ -1,0 +1,86 @@
+"""``ascl train --strategy multi_worker`` on two real worker processes sharing one run
+directory: it trains, only the chief writes, and a SIGKILLed cluster resumes to the end."""
+
+import json
+import os
+import time
+
+from tests import cluster
+from tests.small_runs import SMALL
+
+EPOCHS = 12
+
+
+def _command(digits16, run_dir):
+    return [cluster.PYTHON, "-m", "pipeline.cli", "train", "--config",
+            "configs/digits_small.yaml", "--strategy", "multi_worker", "--run-dir", run_dir,
+            "--set", f"data.dataset={digits16['directory']}", "--epochs", str(EPOCHS),
+            *[arg for item in SMALL for arg in ("--set", item)],
+            "--set", "train.knn_every=4", "--set", "train.checkpoint_every=4",
+            "--set", "train.view_images=0", "--set", "model.norm=batch"]
+
+
+def _epochs_done(run_dir):
+    path = os.path.join(run_dir, "history.json")
+    try:
+        return len(json.load(open(path)))
+    except (OSError, ValueError):
+        return 0
+
+
+def test_cluster_trains_writes_on_the_chief_only_and_resumes_after_a_kill(digits16, tmp_path):
+    run_dir = str(tmp_path / "run")
+    command = _command(digits16, run_dir)
+    temp = [tmp_path / "tmp1", tmp_path / "tmp2"]  # the workers' TMPDIR, one per sitting
+    for folder in temp:
+        folder.mkdir()
+
+    # 1. Both workers start on one run directory; a worker dies mid-run.
+    with cluster.cluster(lambda index: command, log_dir=str(tmp_path),
+                         extra_env={"TMPDIR": str(temp[0])}) as workers:
+        deadline = time.time() + 120
+        while time.time() < deadline and _epochs_done(run_dir) < 2:
+            assert all(w.poll() is None for w in workers), (tmp_path / "worker0.log").read_text()[-3000:]
+            time.sleep(0.1)
+        cluster.kill(workers[1])  # the non-chief: the chief then waits on it forever
+        time.sleep(1.0)
+        assert workers[0].poll() is None, "the chief went on without its peer"
+        cluster.kill(workers[0])
+    done_before = _epochs_done(run_dir)
+    assert 2 <= done_before < EPOCHS, "the cluster must be killed mid-run"
+    assert not os.path.exists(os.path.join(run_dir, "summary.json"))
+
+    # 2. Restarting both resumes from the chief's backup and finishes the configured epochs.
+    with cluster.cluster(lambda index: command, log_dir=str(tmp_path),
+                         extra_env={"TMPDIR": str(temp[1])}) as workers:
+        codes = cluster.wait_all(workers, timeout=180)
+    logs = "\n".join((tmp_path / f"worker{i}.log").read_text()[-3000:] for i in range(2))
+    assert codes == [0, 0], logs
+    history = json.load(open(os.path.join(run_dir, "history.json")))
+    assert [record["epoch"] for record in history] == list(range(1, EPOCHS + 1))
+    assert all("test_knn_top1" in history[e - 1] for e in (4, 8, 12))
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["replicas"] == 2 and summary["epochs"] == EPOCHS and summary["chief"]
+
+    # 3. One writer: the run directory holds the chief's files only, and the other worker's
+    # temporary folder of the finished sitting is gone.
+    assert sorted(os.listdir(run_dir)) == ["backup", "checkpoints", "config.yaml",
+                                           "history.json", "summary.json", "tensorboard"]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
+        "best.json", "best.weights.h5", "epoch_0004.weights.h5", "epoch_0008.weights.h5",
+        "epoch_0012.weights.h5", "last.weights.h5"]
+    assert list(temp[1].glob("ascl-worker-*")) == []
+
+
+def test_importing_the_package_leaves_tensorflow_uninitialised():
+    """A multi-worker strategy can only be created before TensorFlow's context exists, so no
+    module may run a TensorFlow op when imported (a module-level ``tf.constant`` did)."""
+    import subprocess
+
+    script = ("from tensorflow.python.eager import context\n"
+              "import models, pipeline.cli, pipeline.train, pipeline.evaluate, pipeline.export\n"
+              "import beam_jobs.prepare, beam_jobs.embed\n"
+              "print(context.context()._context_handle is None)\n")
+    result = subprocess.run([cluster.PYTHON, "-c", script], capture_output=True, text=True,
+                            cwd=cluster.ROOT, env=cluster.worker_env([0], 0))
+    assert result.stdout.strip() == "True", result.stderr[-2000:]
