@@ -9,7 +9,8 @@ Training follows the reference (Feng & Patras, 2022; He et al., 2020):
   query encoder as an exponential moving average after every optimiser step,
   ``key = m * key + (1 - m) * query``, and never receive gradients;
 * the key batch is shuffled before the key encoder and unshuffled after, so
-  that with split BN a key is never normalised with its own query's group;
+  that with split BN a key is never normalised with its own query's group
+  (across replicas under a strategy, as MoCo shuffles across GPUs);
 * a FIFO memory queue ``[M, D]`` of unit-norm keys (a ring with a pointer)
   supplies the negatives and the neighbours of the soft targets.  Logits and
   targets use the queue as it was *before* the step; then the step's keys
@@ -57,8 +58,8 @@ class ASCLModel(MomentumEncoderModel):
       num_neighbors: K, neighbours a key may credit (<= M).
       mode: ``"ascl"``, ``"ahcl"``, ``"hard"`` or ``"moco"``; see
         ``models.objective.ascl_targets``.
-      shuffle_keys: shuffle the key batch within each replica around the key
-        encoder (MoCo's shuffled BN).
+      shuffle_keys: shuffle the key batch around the key encoder (MoCo's shuffled BN),
+        across replicas under a strategy (``_encode_keys``).
       seed: seeds the initial queue and the key shuffles.
       weight_decay: coefficient of an L2 penalty ``wd/2 * sum ||w||^2`` on every
         trainable query weight, added to the loss so that, as with
@@ -131,14 +132,34 @@ class ASCLModel(MomentumEncoderModel):
 
     # ------------------------------------------------------------------ training
     def _encode_keys(self, weak):
-        if self.shuffle_keys:
-            size = weak.shape[0] if weak.shape[0] is not None else tf.shape(weak)[0]
-            order = tf.argsort(tf.random.stateless_uniform((size,), seed=self._step_seed()))
-            keys = self.key_encoder(tf.gather(weak, order), training=True)
-            keys = tf.gather(keys, tf.argsort(order))
-        else:
-            keys = self.key_encoder(weak, training=True)
-        return tf.stop_gradient(l2_normalize(keys))
+        """Unit keys of this replica's weak views, through the key encoder in training mode.
+
+        With ``shuffle_keys`` the batch is permuted before the key encoder and the keys put
+        back in order after it, so that batch norm never normalises a key with its own
+        query's group (MoCo's shuffled BN).  Under a strategy with several replicas the
+        permutation runs over the *global* batch, as MoCo's does across GPUs: every replica
+        gathers all weak views, draws the same permutation (one stateless seed), encodes its
+        slice of the permuted batch, and takes its own keys back from the gathered result.
+        One device draws the same permutation of the same global batch, so ``norm="split"``
+        with one split per replica computes the same keys on one device.
+        """
+        if not self.shuffle_keys:
+            return tf.stop_gradient(l2_normalize(self.key_encoder(weak, training=True)))
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync if context is not None else 1
+        local = weak.shape[0] if weak.shape[0] is not None else tf.shape(weak)[0]
+        batch = context.all_gather(weak, axis=0) if replicas > 1 else weak
+        size = batch.shape[0] if batch.shape[0] is not None else tf.shape(batch)[0]
+        order = tf.argsort(tf.random.stateless_uniform((size,), seed=self._step_seed()))
+        if replicas == 1:
+            keys = self.key_encoder(tf.gather(batch, order), training=True)
+            return tf.stop_gradient(l2_normalize(tf.gather(keys, tf.argsort(order))))
+        start = tf.cast(context.replica_id_in_sync_group, tf.int32) * local
+        mine = order[start:start + local]  # this replica's slice of the permuted batch
+        keys = context.all_gather(self.key_encoder(tf.gather(batch, mine), training=True),
+                                  axis=0)
+        keys = tf.gather(keys, tf.argsort(order))  # back in global order
+        return tf.stop_gradient(l2_normalize(keys[start:start + local]))
 
     def _objective(self, strong, keys, queue, training):
         """``(per-example loss, (logits, targets, confidence))``."""

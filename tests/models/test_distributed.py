@@ -138,3 +138,28 @@ def test_label_queues_gather_every_replicas_labels_in_order(two_replicas):
     np.testing.assert_array_equal(first, second)
     # 16 labels through a ring of 12, in global batch order: the last 4 overwrote slots 0-3
     np.testing.assert_array_equal(first, np.concatenate([labels[12:], labels[4:12]]))
+
+
+def test_key_shuffle_runs_across_replicas_like_split_bn_on_one_device(two_replicas):
+    """Shuffled BN across replicas: plain BN on 2 replicas, each normalising its slice of the
+    globally permuted weak batch, equals split BN (2 splits) on one device that draws the same
+    permutation of the same global batch.  Without the cross-replica shuffle each replica
+    would normalise its own, unshuffled-in-effect half, and the keys would differ."""
+    keras.utils.set_random_seed(3)
+    backbone = build_backbone("small_cnn", input_shape=SHAPE, norm="split", bn_splits=2)
+    projector = projection_head(backbone.feature_dim, hidden_dims=(32,), output_dim=16)
+    single = ASCLModel(backbone, projector, memory_size=20, momentum=0.9, num_neighbors=3,
+                       seed=0)
+    single.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+    with two_replicas.scope():
+        mirrored = _build(norm="batch", memory_size=20)
+    mirrored.set_weights(single.get_weights())
+    strong, weak = _views(GLOBAL_BATCH * 3, seed=5)
+    one = single.fit(_dataset(strong, weak), verbose=0).history
+    two = mirrored.fit(_dataset(strong, weak), verbose=0).history
+    for name in one:
+        assert two[name][0] == pytest.approx(one[name][0], abs=1e-5), name
+    np.testing.assert_allclose(_per_replica(mirrored.queue)[0], single.queue.numpy(), atol=1e-5)
+    for a, b in zip(single.weights, mirrored.weights):
+        if "moving" not in a.path:  # split BN averages its splits' statistics
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
