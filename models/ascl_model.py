@@ -148,7 +148,9 @@ class ASCLModel(MomentumEncoderModel):
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync if context is not None else 1
         local = weak.shape[0] if weak.shape[0] is not None else tf.shape(weak)[0]
-        batch = context.all_gather(weak, axis=0) if replicas > 1 else weak
+        # tf.identity: under MultiWorkerMirroredStrategy, all_gather of an input tensor
+        # as the iterator hands it over fails ("destinations can not be empty").
+        batch = context.all_gather(tf.identity(weak), axis=0) if replicas > 1 else weak
         size = batch.shape[0] if batch.shape[0] is not None else tf.shape(batch)[0]
         order = tf.argsort(tf.random.stateless_uniform((size,), seed=self._step_seed()))
         if replicas == 1:
