@@ -51,12 +51,30 @@ from beam_jobs.tfrecord import encode_record
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DEAD_LETTER_PREFIX = "dead_letters"
-SHARD_TARGET_BYTES = 64 * 2 ** 20
+SHARD_SIZE_MB = 64          # default target shard size, MiB of encoded images
+MIN_SHARDS = 16             # default least number of shards per split ...
+MIN_SHARD_EXAMPLES = 256    # ... as long as each holds this many examples
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-\d{5}-of-\d{5}\.tfrecord$")
 
 
 def shard_file_name(split, index, count):
     return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def shard_count(examples, size_bytes, *, num_shards=None, shard_size_mb=SHARD_SIZE_MB,
+                min_shards=MIN_SHARDS):
+    """Shards for a split of ``examples`` records of ``size_bytes`` in all.
+
+    ``num_shards`` when given; else enough shards that none exceeds ``shard_size_mb`` MiB,
+    and at least ``min_shards`` so that a cluster's input pipelines can each read their own
+    files (``pipeline.data`` shards by file when there are as many shards as pipelines),
+    but no more of those than give every shard ``MIN_SHARD_EXAMPLES`` examples.
+    """
+    if num_shards:
+        return num_shards
+    by_size = math.ceil(size_bytes / (shard_size_mb * 2 ** 20))
+    by_count = min(min_shards, math.ceil(examples / MIN_SHARD_EXAMPLES))
+    return max(1, by_size, by_count)
 
 
 def shard_of(example_id, num_shards):
@@ -250,7 +268,13 @@ def build_parser():
                              "default: the square as it is, whose size must then be the same "
                              "for all images")
     parser.add_argument("--num-shards", type=int, default=None,
-                        help="shards per split (default: one per 64 MiB of encoded images)")
+                        help="shards per split (default: from --shard-size-mb and --min-shards)")
+    parser.add_argument("--shard-size-mb", type=float, default=SHARD_SIZE_MB,
+                        help=f"largest shard, in MiB of encoded images (default {SHARD_SIZE_MB})")
+    parser.add_argument("--min-shards", type=int, default=MIN_SHARDS,
+                        help=f"at least this many shards per split, as long as each holds "
+                             f"{MIN_SHARD_EXAMPLES} examples (default {MIN_SHARDS}): a cluster "
+                             f"shards its input by file when every worker can have one")
     parser.add_argument("--layout", default="auto", choices=["auto", "split/class", "class"],
                         help="folder sources: PATH/<split>/<class>/<file>, PATH/<class>/<file> "
                              "(hashed test split), or auto: the first when the first folders "
@@ -274,6 +298,10 @@ def _check_args(args):
         raise ValueError(f"--image-size must be >= 1, received {args.image_size}")
     if args.num_shards is not None and args.num_shards < 1:
         raise ValueError(f"--num-shards must be >= 1, received {args.num_shards}")
+    if not args.shard_size_mb > 0:
+        raise ValueError(f"--shard-size-mb must be > 0, received {args.shard_size_mb}")
+    if args.min_shards < 1:
+        raise ValueError(f"--min-shards must be >= 1, received {args.min_shards}")
     if not 0.0 <= args.test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in [0, 1), received {args.test_fraction}")
     if args.tfds_slices < 1:
@@ -363,12 +391,15 @@ def build_pipeline(pipeline, args):
         class_names=beam.pvalue.AsSingleton(class_names)).with_outputs(
             ToExample.DEAD, ToExample.SHAPE, ToExample.MOMENTS, main="valid")
 
-    num_shards = args.num_shards
+    sizing = dict(num_shards=args.num_shards, shard_size_mb=args.shard_size_mb,
+                  min_shards=args.min_shards)
     shards_per_split = (results.valid
-                        | "SizeBySplit" >> beam.Map(lambda r: (r["split"], len(r["example"])))
-                        | "SumSizes" >> beam.CombinePerKey(sum)
-                        | "ShardCount" >> beam.Map(lambda kv: (kv[0], num_shards or max(
-                            1, math.ceil(kv[1] / SHARD_TARGET_BYTES)))))
+                        | "SizeBySplit" >> beam.Map(
+                            lambda r: (r["split"], (1, len(r["example"]))))
+                        | "SumSizes" >> beam.CombinePerKey(
+                            lambda pairs: tuple(map(sum, zip(*pairs))) or (0, 0))
+                        | "ShardCount" >> beam.MapTuple(
+                            lambda split, totals: (split, shard_count(*totals, **sizing))))
 
     def key_by_shard(record, counts):
         count = counts[record["split"]]

@@ -4,7 +4,9 @@ Pre-training elements are dicts ``{"strong_view", "weak_view", "label"}`` of
 normalised float32 ``[B, S, S, 3]`` views (``ASCLModel.fit`` ignores the
 label).  The chain: read shards (parallel interleave; file order reshuffled
 every epoch, which matters when the split is not cached: a cache replays the
-first epoch's order) -> decode -> [keep a hash-chosen part: ``pipeline.splits``]
+first epoch's order) -> decode -> [keep a hash-chosen part: ``pipeline.splits``] -> [an input
+pipeline's share under a strategy: by file when there are enough shards, else by
+element; ``_images``]
 -> cache the decoded uint8 images in memory when they fit -> shuffle (the
 whole split when cached, every epoch) -> batch (dropping the remainder) -> two
 views per image, vectorised per batch -> normalise with the manifest's mean
@@ -19,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import augment, splits
-from pipeline.prepared_dataset import DatasetError, read_split
+from pipeline.prepared_dataset import DatasetError, read_split, split_shards
 
 CACHE_LIMIT_BYTES = 4 * 2 ** 30
 
@@ -48,11 +50,28 @@ def normalizer(manifest):
 
 
 def _images(manifest, selection, *, input_context=None, cache=True, shuffle_files_seed=None):
-    """``(image, label)`` of a split or ``Selection``, and how many one input pipeline gets."""
+    """``(image, label)`` of a split or ``Selection``, and how many one input pipeline gets.
+
+    Under a strategy with several input pipelines (one per worker), the split is sharded
+    **by file** when it has at least as many non-empty shards as there are pipelines:
+    pipeline ``i`` of ``P`` reads shards ``i, i + P, ...`` only.  With fewer shards it is
+    sharded **by element**: every pipeline reads every file, in the same order, and keeps
+    every ``P``-th example.  Sharded by file, pipelines hold nearly, not exactly, equal shares
+    (hash-assigned shards); an epoch is counted on the global total, so a pipeline with a
+    few examples fewer starts its next pass a few batches early.
+    """
     selection = splits.as_selection(selection)
     low, high, count = selection.bounds(manifest)
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    shards = split_shards(manifest, selection.split)
+    by_file = pipelines > 1 and len(shards) >= pipelines
+    files = None
+    if by_file:
+        shards = shards[input_context.input_pipeline_id::pipelines]
+        files = [path for path, _ in shards]
+        count = selection.count_in(manifest, shards)
     dataset = read_split(manifest, selection.split, with_ids=low is not None,
-                         shuffle_files_seed=shuffle_files_seed)
+                         shuffle_files_seed=shuffle_files_seed, files=files)
     if low is not None:
         def in_part(image, label, example_id):
             hashed = splits.selection_hash(example_id)
@@ -61,10 +80,10 @@ def _images(manifest, selection, *, input_context=None, cache=True, shuffle_file
         dataset = dataset.filter(in_part).map(lambda image, label, example_id: (image, label))
     # The count is known: tell tf.data, so Keras shows complete progress bars.
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(count))
-    if input_context and input_context.num_input_pipelines > 1:
+    if pipelines > 1 and not by_file:
         # By element: every pipeline reads the files in the same order (same seed).
-        dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        count = -(-count // input_context.num_input_pipelines)
+        dataset = dataset.shard(pipelines, input_context.input_pipeline_id)
+        count = -(-count // pipelines)
     height, width, channels = manifest["image_shape"]
     cached = cache and count * height * width * channels <= CACHE_LIMIT_BYTES
     if cached:

@@ -71,13 +71,18 @@ def load_manifest(directory, *, verify_shards=True):
     return manifest
 
 
-def split_files(manifest, split):
-    """Paths of the non-empty shards of ``split``."""
+def split_shards(manifest, split):
+    """``[(path, num_examples)]`` of the non-empty shards of ``split``, in manifest order."""
     if split not in manifest["splits"]:
         raise DatasetError(f"split {split!r} is not in the dataset at {manifest['directory']} "
                            f"(it has {sorted(manifest['splits'])})")
-    return [_join(manifest["directory"], shard["file"])
+    return [(_join(manifest["directory"], shard["file"]), shard["num_examples"])
             for shard in manifest["splits"][split]["shards"] if shard["num_examples"] > 0]
+
+
+def split_files(manifest, split):
+    """Paths of the non-empty shards of ``split``."""
+    return [path for path, _ in split_shards(manifest, split)]
 
 
 def decode_example(serialized, image_shape, *, with_id=False):
@@ -90,29 +95,31 @@ def decode_example(serialized, image_shape, *, with_id=False):
     return image, features["label"]
 
 
-def read_ids(manifest, split):
-    """A ``tf.data.Dataset`` of the example ids of ``split``, without decoding any image."""
+def read_ids(manifest, split, files=None):
+    """A ``tf.data.Dataset`` of the example ids of ``split`` (or of those of its shard
+    ``files``), without decoding any image."""
     spec = {"id": _FEATURES["id"]}
-    return (tf.data.TFRecordDataset(split_files(manifest, split))
+    return (tf.data.TFRecordDataset(files if files is not None else split_files(manifest, split))
             .map(lambda record: tf.io.parse_single_example(record, spec)["id"],
                  num_parallel_calls=tf.data.AUTOTUNE))
 
 
 def read_split(manifest_or_directory, split, *, deterministic=True, with_ids=False,
-               shuffle_files_seed=None):
+               shuffle_files_seed=None, files=None):
     """A ``tf.data.Dataset`` of ``(image, label[, id])`` for one split of a prepared dataset.
 
     With ``shuffle_files_seed`` the order of the shard files is reshuffled on
     every pass over the dataset (every epoch under ``repeat``), from that seed:
     two readers given the same seed read the files in the same order, which
-    element-wise sharding across input pipelines relies on.
+    element-wise sharding across input pipelines relies on.  ``files``: read only
+    these shards of the split (an input pipeline's share when sharding by file).
     """
     manifest = manifest_or_directory
     if not isinstance(manifest, dict):
         manifest = load_manifest(manifest_or_directory)
     elif "directory" not in manifest:
         raise DatasetError("read_split needs the manifest returned by load_manifest(directory)")
-    paths = split_files(manifest, split)
+    paths = list(files) if files is not None else split_files(manifest, split)
     image_shape = list(manifest["image_shape"])
     files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
     if shuffle_files_seed is not None:

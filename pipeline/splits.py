@@ -114,6 +114,17 @@ class Selection:
     def count(self, manifest):
         return self.bounds(manifest)[2]
 
+    def count_in(self, manifest, shards):
+        """How many examples of this part the given ``[(path, num_examples)]`` shards of the
+        split hold (an input pipeline's share when sharding by file)."""
+        low, high, _ = self.bounds(manifest)
+        if low is None:
+            return sum(count for _, count in shards)
+        hashes = np.concatenate([selection_hash(batch).numpy() for batch in read_ids(
+            manifest, self.split, [path for path, _ in shards]).batch(8192)] or [
+                np.zeros([0], np.int64)])
+        return int(np.count_nonzero((hashes > low) & (hashes <= high)))
+
 
 def as_selection(split_or_selection):
     """A ``Selection`` for a split name (the whole split) or a ``Selection`` as it is."""

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from beam_jobs.prepare import order_key, run, shard_of
+from beam_jobs.prepare import order_key, run, shard_count, shard_of
 from beam_jobs.sources import digit_images, hashed_split
 from pipeline.prepared_dataset import DatasetError, decode_example, load_manifest, read_split
 
@@ -238,9 +238,24 @@ def test_mixed_sizes_need_image_size(tmp_path):
     assert manifest["image_shape"] == [12, 12, 3]
 
 
+def test_shard_count_grows_with_the_data():
+    mib = 2 ** 20
+    # CIFAR-10's train split (~120 MiB of PNGs) used to land in 2 shards: now 16, enough
+    # for 16 workers to read their own files
+    assert shard_count(50_000, 120 * mib) == 16
+    assert shard_count(50_000, 120 * mib, min_shards=4) == 4
+    assert shard_count(10_000_000, 200 * 1024 * mib) == 3200  # by size: 64 MiB each
+    assert shard_count(10_000, 100 * mib, shard_size_mb=1) == 100
+    assert shard_count(1_437, 2 * mib) == 6  # no more forced shards than 256 examples each
+    assert shard_count(50, mib // 10) == 1
+    assert shard_count(50_000, 120 * mib, num_shards=3) == 3
+
+
 def test_digits_source(tmp_path):
-    run(["--output", str(tmp_path / "digits")])
+    run(["--output", str(tmp_path / "digits"), "--min-shards", "4"])
     manifest = load_manifest(str(tmp_path / "digits"))
+    # 1797 digits in 64 KiB: the split's share of min(4, ceil(n / 256)) shards
+    assert [len(info["shards"]) for _, info in sorted(manifest["splits"].items())] == [2, 4]
     assert manifest["source"] == "digits" and manifest["num_inputs"] == 1797
     assert manifest["class_names"] == [str(d) for d in range(10)]
     counts = {split: info["num_examples"] for split, info in manifest["splits"].items()}
@@ -280,6 +295,8 @@ def test_tfds_source_through_mock_data(tmp_path):
     (["--source", "images"], "--source must be"),
     (["--image-size", "0"], "--image-size must be >= 1"),
     (["--test-fraction", "1.5"], "--test-fraction must be in"),
+    (["--shard-size-mb", "0"], "--shard-size-mb must be > 0"),
+    (["--min-shards", "0"], "--min-shards must be >= 1"),
     (["--source", "folder:/nonexistent/images"], "yielded no inputs|No files found"),
 ])
 def test_bad_arguments_are_named(tmp_path, argv, message):

@@ -173,21 +173,46 @@ def test_validation_holdout_and_rest_partition_the_split(class_foldered):
     assert _largest_share(np.array(labels)) <= 0.25
 
 
-def test_input_pipelines_partition_the_split_and_each_is_class_mixed(class_sorted):
+def _contexts(count):
     import tensorflow as tf
 
-    contexts = [tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=i,
-                                           num_replicas_in_sync=2) for i in range(2)]
-    # the training reader's configuration: file order reshuffled from one seed
+    return [tf.distribute.InputContext(num_input_pipelines=count, input_pipeline_id=i,
+                                       num_replicas_in_sync=count) for i in range(count)]
+
+
+def test_input_pipelines_shard_by_file_when_there_are_enough_shards(class_sorted):
+    from pipeline.prepared_dataset import read_split, split_files
+
+    files = split_files(class_sorted, "train")
+    assert len(files) == 2
+    # 2 pipelines, 2 shards: pipeline i reads shard i and nothing else
+    for context, path in zip(_contexts(2), files):
+        images, count, _ = data._images(class_sorted, "train", input_context=context,
+                                        shuffle_files_seed=0)
+        own = _image_bytes(read_split(class_sorted, "train", files=[path]))
+        assert sorted(_image_bytes(images)) == sorted(own) and count == len(own)
+    # with a hash-chosen part the per-pipeline counts are exact (tf.data asserts them)
+    rest = data.splits.Selection("train", holdout=100, part="rest")
+    parts = [data._images(class_sorted, rest, input_context=c, shuffle_files_seed=0)
+             for c in _contexts(2)]
+    seen = [_image_bytes(images) for images, _, _ in parts]
+    assert [len(s) for s in seen] == [count for _, count, _ in parts]
+    assert sum(len(s) for s in seen) == 500 and not set(seen[0]) & set(seen[1])
+
+
+def test_input_pipelines_shard_by_element_with_fewer_shards_and_are_class_mixed(class_sorted):
+    # 3 pipelines, 2 shards: every pipeline reads both files and keeps every third example
     shards = [set(_image_bytes(data._images(class_sorted, "train", input_context=c,
-                                            shuffle_files_seed=0)[0])) for c in contexts]
-    assert len(shards[0]) == len(shards[1]) == 300 and not shards[0] & shards[1]
-    for context in contexts:
+                                            shuffle_files_seed=0)[0])) for c in _contexts(3)]
+    assert [len(s) for s in shards] == [200, 200, 200]
+    assert not (shards[0] & shards[1] or shards[0] & shards[2] or shards[1] & shards[2])
+    for context in _contexts(3) + _contexts(2):
         iterator = iter(data.pretrain_dataset(class_sorted, batch_size=60, seed=0,
                                               input_context=context, shuffle_buffer=10))
         labels = np.concatenate([next(iterator)["label"].numpy() for _ in range(20)])
-        iid = _iid_mean_largest_share(labels, 30)
-        assert abs(np.mean([_largest_share(b) for b in labels.reshape(-1, 30)]) - iid) < 0.05
+        size = 20 if context.num_input_pipelines == 3 else 30  # per-replica batch
+        iid = _iid_mean_largest_share(labels, size)
+        assert abs(np.mean([_largest_share(b) for b in labels.reshape(-1, size)]) - iid) < 0.05
 
 
 def test_probe_training_views_are_random_resized_crops_from_008(digits16, monkeypatch):
