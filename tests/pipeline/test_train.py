@@ -219,6 +219,18 @@ def test_bad_config_or_dataset_fails_before_writing_anything(digits16, tmp_path)
     assert not run_dir.exists()
 
 
+def test_split_bn_is_checked_against_the_per_replica_batch(digits16, tmp_path, two_replicas):
+    # 64 is divisible by bn_splits 64, but each of 2 replicas normalises only 32 images
+    with pytest.raises(ConfigError, match=r"model.bn_splits \(64\) must divide the batch each "
+                                          r"replica normalises, .* 64 / 2 = 32"):
+        train(_config(digits16, "model.bn_splits=64"), str(tmp_path / "run"),
+              strategy=two_replicas)
+    with pytest.raises(ConfigError, match=r"batch_size \(63\) must be a multiple of the 2 "):
+        train(_config(digits16, "optimizer.batch_size=63", "model.norm=batch"),
+              str(tmp_path / "run"), strategy=two_replicas)
+    assert not (tmp_path / "run").exists()
+
+
 def test_resuming_with_changed_settings_is_refused_unless_allowed(digits16, tmp_path):
     config = _config(digits16, "train.epochs=1", "train.knn_every=0", "train.view_images=0")
     run_dir = str(tmp_path / "run")
