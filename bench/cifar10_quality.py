@@ -53,8 +53,8 @@ ARMS = {
 }
 PARTS = {
     "a": {"epochs": 20, "runs": [("moco", 0), ("ascl", 0), ("moco", 1), ("ascl", 1),
-                                 ("moco", 2), ("ascl", 2), ("ascl_strong_key", 0),
-                                 ("ahcl", 0), ("hard", 0), ("byol", 0), ("ascl_byol", 0)]},
+                                 ("moco", 2), ("ascl", 2), ("byol", 0), ("ascl_byol", 0),
+                                 ("ascl_strong_key", 0), ("ahcl", 0), ("hard", 0)]},
     "b": {"epochs": 60, "runs": [("moco", 0), ("ascl", 0)]},
     "c": {"epochs": 20, "runs": [("moco", 0), ("ascl", 0)],
           "overrides": ["model.backbone=resnet20"]},
