@@ -1,18 +1,23 @@
-"""Benchmark: the two-view input pipeline and the ASCL training step on this machine.
+"""Benchmark: the ASCL training step, timed per step inside ``fit``, settings side by side.
 
-    python bench/train_speed.py --data .data/cifar10-prepared [--json bench/results/train_speed.json]
+    python bench/train_speed.py [--settings ascl,moco,ascl_xla,ascl_bf16] [--batch 64]
+                                [--steps 20] [--repeats 3] [--json bench/results/train_speed.json]
 
-1. Input: view pairs per second of ``pipeline.data.pretrain_dataset`` on the
-   CIFAR-10 shards at 32 px (decoded images cached, as in training), batch 256.
-2. Training step: images per second of ``ASCLModel.train_step`` for ResNet-18
-   (CIFAR stem, split BN 8, M=4096) on synthetic views already in memory, so
-   only the step is timed; batch 64 and 256, modes ascl and moco, XLA off/on.
-   Each setting is compiled and warmed up, then timed over ``--steps`` steps,
-   ``--repeats`` times, alternating settings; medians are reported.
+What is timed: ``ASCLModel.train_step`` for ResNet-18 (CIFAR stem, split BN 8, 512 -> 2048 ->
+128 projector, M = 4096) on synthetic views already in memory, so no input pipeline is in
+the figure.  A ``fit`` call has a one-off set-up cost of seconds (tracing, optimizer
+variables, callbacks); timing whole calls of a few steps mostly measures that.  So a
+callback takes the time between consecutive ``on_train_batch_end`` calls inside one ``fit``
+(``StepTimes``), the first ``--warmup`` intervals are dropped, and the median of the rest is
+the step time.  Settings alternate within every repeat (A B C D, A B C D, ...), each model
+built once, so slow phases of this shared machine hit every setting alike; the report gives
+medians over repeats and ratios of medians.
+
+Settings: ``ascl`` and ``moco`` (float32, graph mode), ``ascl_xla`` (``jit_compile=True``),
+``ascl_bf16`` (``mixed_bfloat16``), ``small_cnn_ascl`` (the CPU config's model, batch 256).
 """
 
 import argparse
-import itertools
 import json
 import statistics
 import time
@@ -22,84 +27,106 @@ import numpy as np
 import tensorflow as tf
 
 from models import ASCLModel, build_backbone, projection_head
-from pipeline import data
-from pipeline.prepared_dataset import load_manifest
+
+SETTINGS = {
+    # name: (backbone, mode, jit_compile, policy)
+    "ascl": ("resnet18", "ascl", False, "float32"),
+    "moco": ("resnet18", "moco", False, "float32"),
+    "ascl_xla": ("resnet18", "ascl", True, "float32"),
+    "ascl_bf16": ("resnet18", "ascl", False, "mixed_bfloat16"),
+    "small_cnn_ascl": ("small_cnn", "ascl", False, "float32"),
+}
 
 
-def input_pairs_per_second(manifest, batch_size, batches):
-    dataset = data.pretrain_dataset(manifest, batch_size=batch_size, seed=0)
-    iterator = iter(dataset)
-    for _ in range(len(range(0, 50_000, batch_size)) + 5):  # fill the cache: one full pass
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    return batches * batch_size / (time.perf_counter() - start)
+class StepTimes(keras.callbacks.Callback):
+    """Wall time between consecutive ends of training steps within one ``fit``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ends = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(time.perf_counter())
+
+    def intervals(self, skip):
+        return list(np.diff(self.ends)[skip:])
 
 
-def make_model(mode, jit):
+def make_model(name):
+    backbone_name, mode, jit, policy = SETTINGS[name]
+    keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
-    backbone = build_backbone("resnet18", input_shape=(32, 32, 3), stem="cifar", norm="split",
+    backbone = build_backbone(backbone_name, input_shape=(32, 32, 3), stem="cifar", norm="split",
                               bn_splits=8)
-    model = ASCLModel(backbone, projection_head(512), memory_size=4096, mode=mode, seed=0,
-                      weight_decay=5e-4)
-    model.compile(optimizer=keras.optimizers.SGD(0.06, momentum=0.9), jit_compile=jit)
+    hidden = (2048,) if backbone_name == "resnet18" else (512,)
+    model = ASCLModel(backbone, projection_head(backbone.feature_dim, hidden_dims=hidden),
+                      memory_size=4096, mode=mode, seed=0, weight_decay=5e-4)
+    model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9), jit_compile=jit)
+    keras.mixed_precision.set_global_policy("float32")
     return model
 
 
-def step_images_per_second(model, batch_size, steps):
+def views(batch_size):
     rng = np.random.default_rng(0)
-    views = tf.constant(rng.normal(size=(batch_size, 32, 32, 3)).astype("float32"))
-    dataset = tf.data.Dataset.from_tensors({"strong_view": views, "weak_view": views}).repeat()
-    model.fit(dataset, steps_per_epoch=3, epochs=1, verbose=0)  # compile + warm up
-    start = time.perf_counter()
-    model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
-    return steps * batch_size / (time.perf_counter() - start)
+    images = tf.constant(rng.normal(size=(batch_size, 32, 32, 3)).astype("float32"))
+    return tf.data.Dataset.from_tensors({"strong_view": images, "weak_view": images}).repeat()
+
+
+def median_step_seconds(model, dataset, steps, warmup):
+    """Median seconds per step over ``steps`` steps of one ``fit`` call, after ``warmup``."""
+    timer = StepTimes()
+    model.fit(dataset, steps_per_epoch=steps + warmup + 1, epochs=1, verbose=0,
+              callbacks=[timer])
+    return statistics.median(timer.intervals(warmup))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=".data/cifar10-prepared")
-    parser.add_argument("--input-batches", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--settings", default="ascl,moco,ascl_xla,ascl_bf16")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--small-cnn-batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per fit call")
+    parser.add_argument("--warmup", type=int, default=3, help="step intervals dropped per call")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-sizes", default="64,256")
-    parser.add_argument("--skip-input", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    results = {"device": "cpu", "threads": tf.config.threading.get_inter_op_parallelism_threads()}
+    names = args.settings.split(",")
+    unknown = [name for name in names if name not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
 
-    if not args.skip_input:
-        manifest = load_manifest(args.data)
-        rates = [input_pairs_per_second(manifest, 256, args.input_batches)
-                 for _ in range(args.repeats)]
-        results["input_view_pairs_per_s"] = {"median": round(statistics.median(rates)),
-                                             "runs": [round(r) for r in rates]}
-        print("input pipeline view pairs/s:", results["input_view_pairs_per_s"], flush=True)
-
-    settings = list(itertools.product([int(b) for b in args.batch_sizes.split(",")],
-                                      ["ascl", "moco"], [False, True]))
-    models = {}
-    timings = {setting: [] for setting in settings}
-    for _ in range(args.repeats):
-        for batch, mode, jit in settings:
-            key = (mode, jit)
-            if key not in models:
-                models[key] = make_model(mode, jit)
-            timings[(batch, mode, jit)].append(step_images_per_second(models[key], batch,
-                                                                      args.steps))
-            print(f"batch {batch} {mode} xla={jit}: {timings[(batch, mode, jit)][-1]:.1f} img/s",
+    models = {name: make_model(name) for name in names}
+    batches = {name: args.small_cnn_batch if SETTINGS[name][0] == "small_cnn" else args.batch
+               for name in names}
+    data = {batch: views(batch) for batch in set(batches.values())}
+    for name in names:  # trace and warm up every setting before any timing
+        models[name].fit(data[batches[name]], steps_per_epoch=3, epochs=1, verbose=0)
+    seconds = {name: [] for name in names}
+    for repeat in range(args.repeats):
+        for name in names:
+            seconds[name].append(median_step_seconds(models[name], data[batches[name]],
+                                                     args.steps, args.warmup))
+            print(f"repeat {repeat + 1} {name}: {batches[name] / seconds[name][-1]:.1f} img/s",
                   flush=True)
-    results["train_images_per_s"] = [
-        {"batch": batch, "mode": mode, "xla": jit,
-         "median": round(statistics.median(values), 1), "runs": [round(v, 1) for v in values]}
-        for (batch, mode, jit), values in timings.items()]
-    for batch in {s[0] for s in settings}:
-        for jit in (False, True):
-            ascl = statistics.median(timings[(batch, "ascl", jit)])
-            moco = statistics.median(timings[(batch, "moco", jit)])
-            results.setdefault("ascl_over_moco_step_time", {})[f"batch{batch}_xla{jit}"] = round(
-                moco / ascl, 3)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    results = {
+        "command": "python bench/train_speed.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "what": "median seconds per training step inside one fit (callback), in-memory views",
+        "cpu_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",
+        "settings": {name: {"backbone": SETTINGS[name][0], "mode": SETTINGS[name][1],
+                            "jit_compile": SETTINGS[name][2], "policy": SETTINGS[name][3],
+                            "batch": batches[name],
+                            "median_step_ms": round(1000 * medians[name], 1),
+                            "images_per_s": round(batches[name] / medians[name], 1),
+                            "per_repeat_images_per_s": [round(batches[name] / s, 1)
+                                                        for s in seconds[name]]}
+                     for name in names},
+    }
+    reference = "ascl" if "ascl" in medians else names[0]
+    results["speed_relative_to_" + reference] = {
+        name: round(medians[reference] / medians[name], 3) for name in names
+        if batches[name] == batches[reference]}
     print(json.dumps(results, indent=2))
     if args.json:
         with open(args.json, "w") as handle:
