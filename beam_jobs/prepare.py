@@ -73,7 +73,7 @@ def shard_count(examples, size_bytes, *, num_shards=None, shard_size_mb=SHARD_SI
     if num_shards:
         return num_shards
     by_size = math.ceil(size_bytes / (shard_size_mb * 2 ** 20))
-    by_count = min(min_shards, math.ceil(examples / MIN_SHARD_EXAMPLES))
+    by_count = min(min_shards, examples // MIN_SHARD_EXAMPLES)
     return max(1, by_size, by_count)
 
 

@@ -27,7 +27,7 @@ the global batch.
 import keras
 import tensorflow as tf
 
-from models.momentum_encoder import MomentumEncoderModel, l2_normalize
+from models.momentum_encoder import MomentumEncoderModel, l2_normalize, replica_offset
 from models.objective import ascl_targets, contrastive_logits, soft_cross_entropy
 from models.objective import validate_objective_args
 
@@ -156,7 +156,7 @@ class ASCLModel(MomentumEncoderModel):
         if replicas == 1:
             keys = self.key_encoder(tf.gather(batch, order), training=True)
             return tf.stop_gradient(l2_normalize(tf.gather(keys, tf.argsort(order))))
-        start = tf.cast(context.replica_id_in_sync_group, tf.int32) * local
+        start = replica_offset(batch, local, context)
         mine = order[start:start + local]  # this replica's slice of the permuted batch
         keys = context.all_gather(self.key_encoder(tf.gather(batch, mine), training=True),
                                   axis=0)

@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from models.heads import projection_head
-from models.momentum_encoder import MomentumEncoderModel, l2_normalize
+from models.momentum_encoder import MomentumEncoderModel, l2_normalize, replica_offset
 from models.objective import byol_ascl_targets, byol_regression_loss, validate_byol_args
 
 
@@ -105,8 +105,7 @@ class BYOLModel(MomentumEncoderModel):
         targets, confidence = byol_ascl_targets(keys, t2=self.t2,
                                                 num_neighbors=self.num_neighbors, mode=self.mode)
         count = tf.shape(local_keys)[0]
-        offset = (tf.cast(context.replica_id_in_sync_group, tf.int32) * count if gather
-                  else tf.constant(0))
+        offset = replica_offset(keys, count, context) if gather else tf.constant(0)
         rows = offset + tf.range(count)  # replicas hold equal slices, gathered in order
         own = tf.one_hot(rows, tf.shape(keys)[0], dtype=tf.float32)
         batch_labels = None

@@ -19,6 +19,25 @@ def _encoder(backbone, projector, name):
     return keras.Model(inputs, projector(backbone(inputs)), name=name)
 
 
+def _across_workers(strategy):
+    """Whether ``strategy`` spans several worker processes (Keras's own test of it)."""
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+def replica_offset(gathered, local, context):
+    """The row where this replica's ``local`` rows start in ``gathered``, a batch gathered
+    across replicas in replica order.  Replicas must hold equal slices: unequal ones (a
+    ``fit`` whose last global batch does not split evenly) fail loudly here instead of
+    mixing up rows."""
+    check = tf.debugging.assert_equal(
+        tf.shape(gathered)[0], local * context.num_replicas_in_sync,
+        message="every replica must hold the same number of examples (drop the remainder "
+                "of the global batch)")
+    with tf.control_dependencies([check]):
+        return tf.cast(context.replica_id_in_sync_group, tf.int32) * local
+
+
 def l2_normalize(x):
     """Unit rows in float32, whatever the compute dtype."""
     return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=1)
@@ -58,6 +77,11 @@ class MomentumEncoderModel(keras.Model):
         # Draws are stateless, seeded by (seed, optimiser step): a run restored from its
         # weights and optimiser (BackupAndRestore) continues the same draws, which a
         # SeedGenerator's state, not part of the saved weights, would not.
+        if seed is None and _across_workers(tf.distribute.get_strategy()):
+            raise ValueError(
+                "`seed` must be set under MultiWorkerMirroredStrategy: every worker must draw "
+                "the same key permutations, and an unseeded model draws its own per process; "
+                "received seed=None")
         self._draw_base = int(seed) if seed is not None else int(
             np.random.default_rng().integers(2 ** 31))
 
@@ -123,9 +147,7 @@ class MomentumEncoderModel(keras.Model):
         then gives the scalar mean over replicas that a single-worker strategy gives.
         """
         results = {metric.name: metric.result() for metric in self.metrics}
-        strategy = tf.distribute.get_strategy()
-        if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-                and strategy.extended._in_multi_worker_mode()):  # Keras's own test
+        if _across_workers(tf.distribute.get_strategy()):
             results = {name: tf.reshape(value, [1]) for name, value in results.items()}
         return results
 

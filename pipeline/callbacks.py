@@ -1,5 +1,6 @@
 """Keras callbacks for pre-training runs: kNN monitor, history file, views, divergence."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -253,44 +254,85 @@ class UnlessDiverged(keras.callbacks.Callback):
             self.callback.on_epoch_end(epoch, logs)
 
 
-def readable_backup(backup_dir):
-    """``(weights path or None, epochs done)`` of the backup a resumed run restores.
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    ``BackupAndRestore(double_checkpoint=True)`` keeps the previous backup beside the latest
-    (``*.bkp``); when a kill left the latest weights unreadable, the previous pair is the one
-    to resume from.  The one policy for the trainer (to skip the batches already trained on)
-    and for ``ClusterBackupAndRestore`` (to load them).
+
+def _backup_epoch(weights, metadata):
+    """The epoch of a consistent backup pair, or None when either file is missing, damaged
+    or from another save than its partner.
+
+    Pairs written by ``ClusterBackupAndRestore`` carry the weights' sha256 in their
+    metadata; pairs of the stock callback (no digest) must at least read back in full.
     """
-    weights = os.path.join(backup_dir, "latest.weights.h5")
-    metadata = os.path.join(backup_dir, "training_metadata.json")
-    if os.path.exists(weights):
-        try:
-            h5py.File(weights, "r").close()
-        except OSError:
-            weights, metadata = weights + ".bkp", metadata + ".bkp"
-    if not os.path.exists(metadata) or not os.path.exists(weights):
-        return None, 0
-    with open(metadata) as handle:
-        return weights, int(json.load(handle)["epoch"])
+    if not (os.path.exists(weights) and os.path.exists(metadata)):
+        return None
+    try:
+        with open(metadata) as handle:
+            info = json.load(handle)
+        epoch = int(info["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if "weights_sha256" in info:
+        return epoch if _sha256(weights) == info["weights_sha256"] else None
+    try:
+        with h5py.File(weights, "r") as handle:
+            handle.visititems(lambda _, item: item[()] if isinstance(item, h5py.Dataset)
+                              else None)
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return None
+    return epoch
+
+
+def _backup_paths(backup_dir, suffix=""):
+    return (os.path.join(backup_dir, "latest.weights.h5" + suffix),
+            os.path.join(backup_dir, "training_metadata.json" + suffix))
+
+
+def readable_backup(backup_dir):
+    """``(weights path or None, epochs done)`` of the backup a resumed run restores: the
+    latest pair when it is whole and consistent, else the previous one (``*.bkp``), else
+    none.  The one policy for the trainer (to skip the batches already trained on) and for
+    ``ClusterBackupAndRestore`` (to load them)."""
+    for suffix in ("", ".bkp"):
+        weights, metadata = _backup_paths(backup_dir, suffix)
+        epoch = _backup_epoch(weights, metadata)
+        if epoch is not None:
+            return weights, epoch
+    return None, 0
+
+
+def _replace_with_copy(source, target):
+    shutil.copyfile(source, target + ".tmp")
+    os.replace(target + ".tmp", target)
 
 
 class ClusterBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` for runs that may span several workers.
+    """``BackupAndRestore`` for runs that may span several workers and be killed any time.
 
-    Where the stock callback falls short: it restores from and saves to one folder, and
-    repairs a damaged backup at restore time by copying files in it.  In a cluster every
-    worker must restore the *chief's* backup (``restore_dir``, on storage they share) but only
-    the chief may write there; other workers save to their own ``backup_dir``, as Keras's
-    multi-worker guide has them do.  So restoring here never writes: it loads the readable
-    pair (``readable_backup``), and a damaged latest backup is only replaced when the chief
-    next saves, by which time every worker has restored (saving follows a training step,
-    which needs all of them).  Keeps two backups and never deletes them.
+    Where the stock callback falls short:
+
+    * it restores from and saves to one folder.  In a cluster every worker must restore
+      the *chief's* backup (``restore_dir``, on storage they share) but only the chief may
+      write there; other workers save to their own ``backup_dir``, as Keras's multi-worker
+      guide has them do.  Restoring never writes.
+    * a kill in the middle of a save can leave weights and metadata of different epochs, or
+      a half-written file, which the stock callback may restore, or copy over the good
+      previous backup at its next save.  Here every file is written to a temporary name and
+      renamed into place, the metadata records the weights' sha256, restoring takes the
+      newest *consistent* pair (``readable_backup``), and only a consistent latest pair
+      becomes the previous one.
+
+    Keeps two backups and never deletes them.
     """
 
     def __init__(self, backup_dir, *, restore_dir=None):
         super().__init__(backup_dir, double_checkpoint=True, delete_checkpoint=False)
         self.restore_dir = restore_dir or backup_dir
-        self._latest_damaged = False
 
     def on_train_begin(self, logs=None):
         weights, epoch = readable_backup(self.restore_dir)
@@ -306,15 +348,18 @@ class ClusterBackupAndRestore(keras.callbacks.BackupAndRestore):
                 shutil.copyfile(weights, copy)
                 self.model.load_weights(copy)
         self.model._initial_epoch = epoch  # what the stock callback sets
-        self._latest_damaged = (weights.endswith(".bkp")
-                                and os.path.abspath(self.restore_dir)
-                                == os.path.abspath(self.backup_dir))
 
     def _save_model(self):
-        if self._latest_damaged:
-            # The stock save would first copy the damaged latest pair over the good previous one.
-            for path in (self._weights_path, self._training_metadata_path):
-                if os.path.exists(path):
-                    os.remove(path)
-            self._latest_damaged = False
-        super()._save_model()
+        os.makedirs(self.backup_dir, exist_ok=True)
+        latest = _backup_paths(self.backup_dir)
+        if _backup_epoch(*latest) is not None:
+            for path, previous in zip(latest, _backup_paths(self.backup_dir, ".bkp")):
+                _replace_with_copy(path, previous)
+        saving = os.path.join(self.backup_dir, "saving.weights.h5")
+        self.model.save_weights(saving, overwrite=True)
+        digest = _sha256(saving)
+        os.replace(saving, self._weights_path)
+        with open(self._training_metadata_path + ".tmp", "w") as handle:
+            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                       "weights_sha256": digest}, handle)
+        os.replace(self._training_metadata_path + ".tmp", self._training_metadata_path)

@@ -53,21 +53,21 @@ def _images(manifest, selection, *, input_context=None, cache=True, shuffle_file
     """``(image, label)`` of a split or ``Selection``, and how many one input pipeline gets.
 
     Under a strategy with several input pipelines (one per worker), the split is sharded
-    **by file** when it has at least as many non-empty shards as there are pipelines:
-    pipeline ``i`` of ``P`` reads shards ``i, i + P, ...`` only.  With fewer shards it is
-    sharded **by element**: every pipeline reads every file, in the same order, and keeps
-    every ``P``-th example.  Sharded by file, pipelines hold nearly, not exactly, equal shares
-    (hash-assigned shards); an epoch is counted on the global total, so a pipeline with a
-    few examples fewer starts its next pass a few batches early.
+    **by file** when its non-empty shards can be dealt out evenly (``_file_shares``):
+    pipeline ``i`` of ``P`` reads shards ``i, i + P, ...`` only.  Otherwise it is sharded
+    **by element**: every pipeline reads every file, in the same order, and keeps every
+    ``P``-th example.  Sharded by file, pipelines hold nearly, not exactly, equal shares; an
+    epoch is counted on the global total, so a pipeline with a few examples fewer starts its
+    next pass a few batches early.
     """
     selection = splits.as_selection(selection)
     low, high, count = selection.bounds(manifest)
     pipelines = input_context.num_input_pipelines if input_context else 1
-    shards = split_shards(manifest, selection.split)
-    by_file = pipelines > 1 and len(shards) >= pipelines
+    shares = _file_shares(split_shards(manifest, selection.split), pipelines)
+    by_file = shares is not None
     files = None
     if by_file:
-        shards = shards[input_context.input_pipeline_id::pipelines]
+        shards = shares[input_context.input_pipeline_id]
         files = [path for path, _ in shards]
         count = selection.count_in(manifest, shards)
     dataset = read_split(manifest, selection.split, with_ids=low is not None,
@@ -91,6 +91,28 @@ def _images(manifest, selection, *, input_context=None, cache=True, shuffle_file
     return dataset, count, cached
 
 
+FILE_SHARE_TOLERANCE = 0.1
+
+
+def _replicas_per_pipeline(input_context):
+    """How many replicas one input pipeline feeds: one batch each per training step."""
+    if input_context is None:
+        return 1
+    return max(1, input_context.num_replicas_in_sync // input_context.num_input_pipelines)
+
+
+def _file_shares(shards, pipelines):
+    """Each pipeline's ``[(path, num_examples)]`` when dealing the shards out round robin
+    gives every pipeline at least one shard and shares within 10% of each other, else None
+    (then the split is sharded by element).  16 shards over 9 workers would give 7 of them
+    two shards and 2 of them one: those two would see their examples twice as often."""
+    if pipelines < 2 or len(shards) < pipelines:
+        return None
+    shares = [shards[index::pipelines] for index in range(pipelines)]
+    sizes = [sum(count for _, count in share) for share in shares]
+    return shares if min(sizes) >= (1 - FILE_SHARE_TOLERANCE) * max(sizes) else None
+
+
 def shuffle_buffer_size(requested, examples, cached):
     """A cached split is shuffled whole every epoch, as the reference's sampler does:
     a smaller buffer over a stream in storage order cannot mix it."""
@@ -105,7 +127,7 @@ def _batch_seeds(seed, input_context):
 
 def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_context=None,
                      strong_key=False, blur=True, crop_scale=(0.2, 1.0), flip=True,
-                     shuffle_buffer=10_000, cache=True, skip_batches=0):
+                     shuffle_buffer=10_000, cache=True, skip_steps=0):
     """Two-view batches for ``ASCLModel.fit``.
 
     Args:
@@ -124,10 +146,12 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
       shuffle_buffer: examples in the shuffle buffer when the split is not
         cached; a cached split is shuffled whole every epoch.
       cache: keep decoded images in memory when they fit (4 GiB).
-      skip_batches: batches a resumed run has already trained on (epochs done x
-        steps per epoch): they are drawn and dropped before any view is computed,
-        so the run continues with exactly the batches and augmentation seeds an
-        uninterrupted run would see next.
+      skip_steps: training steps a resumed run has already taken (epochs done x
+        steps per epoch).  A step takes one batch from this pipeline for every replica it
+        feeds (round robin over a worker's devices), so that many batches times the
+        replicas per pipeline are drawn and dropped before any view is computed, and the
+        run continues with exactly the batches and augmentation seeds an uninterrupted run
+        would see next.
 
     The order: a cached split (per input pipeline) is shuffled whole, anew every
     epoch; a split too large to cache is read in a file order reshuffled every
@@ -162,7 +186,7 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
                .batch(per_replica, drop_remainder=True)
                .repeat())
     return (tf.data.Dataset.zip(batches, _batch_seeds(seed, input_context))
-            .skip(skip_batches)
+            .skip(skip_steps * _replicas_per_pipeline(input_context))
             .map(views, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE))
 

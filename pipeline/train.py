@@ -107,10 +107,17 @@ def _check_dataset(config, manifest, replicas=1):
     if batch % replicas:
         raise ConfigError(f"optimizer.batch_size ({batch}) must be a multiple of the "
                           f"{replicas} replicas of the distribution strategy")
-    if config.model.norm == "split" and (batch // replicas) % config.model.bn_splits:
-        raise ConfigError(f"model.bn_splits ({config.model.bn_splits}) must divide the batch "
-                          f"each replica normalises, optimizer.batch_size / replicas = "
-                          f"{batch} / {replicas} = {batch // replicas}")
+    m = config.model
+    split_norms = [key for key, norm in (("model.norm", m.norm),
+                                         ("model.projector_norm", m.projector_norm),
+                                         ("model.predictor_norm", m.predictor_norm))
+                   if norm == "split" and (key != "model.predictor_norm"
+                                           or config.ascl.framework == "byol")]
+    if split_norms and (batch // replicas) % m.bn_splits:
+        raise ConfigError(f"model.bn_splits ({m.bn_splits}) must divide the batch each replica "
+                          f"normalises ({', '.join(split_norms)}: split), "
+                          f"optimizer.batch_size / replicas = {batch} / {replicas} = "
+                          f"{batch // replicas}")
     return steps, train_selection, validation
 
 
@@ -234,14 +241,14 @@ def _train(config, run_dir, write_dir, chief, strategy, manifest, steps_per_epoc
     chief_backup = os.path.join(run_dir, "backup")
     _, done_epochs = run_callbacks.readable_backup(chief_backup)
 
-    def dataset_fn(input_context=None, skip_batches=done_epochs * steps_per_epoch):
+    def dataset_fn(input_context=None, skip_steps=done_epochs * steps_per_epoch):
         return data.pretrain_dataset(
             manifest, batch_size=config.optimizer.batch_size, seed=t.seed,
             split=train_selection, input_context=input_context,
             strong_key=config.data.key_view == "strong", blur=config.data.blur,
             crop_scale=(config.data.crop_min_scale, 1.0), flip=config.data.flip,
             shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache,
-            skip_batches=skip_batches)
+            skip_steps=skip_steps)
 
     if strategy.num_replicas_in_sync > 1:
         dataset = strategy.distribute_datasets_from_function(dataset_fn)
@@ -285,7 +292,7 @@ def _train(config, run_dir, write_dir, chief, strategy, manifest, steps_per_epoc
         *extra_callbacks,
     ]
     if t.view_images:
-        preview = next(iter(dataset_fn(skip_batches=0).take(1)))
+        preview = next(iter(dataset_fn(skip_steps=0).take(1)))
         callback_list.append(run_callbacks.ViewImages(
             {k: v.numpy() for k, v in preview.items()}, paths["tensorboard"], t.view_images,
             manifest))

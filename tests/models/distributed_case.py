@@ -89,6 +89,15 @@ def main(out):
     arrays = {}
     for kind in KINDS:
         arrays.update(state(*train(strategy, kind), kind))
+    from models import ASCLModel, build_backbone, projection_head
+
+    with strategy.scope():  # an unseeded model would draw its own permutations per worker
+        backbone = build_backbone("small_cnn", input_shape=SHAPE, widths=(8, 16))
+        try:
+            ASCLModel(backbone, projection_head(16, output_dim=8), memory_size=20, seed=None)
+            arrays["seedless_refused"] = np.array(False)
+        except ValueError as error:
+            arrays["seedless_refused"] = np.array("`seed` must be set" in str(error))
     np.savez(out, **arrays)
 
 

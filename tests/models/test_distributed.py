@@ -163,3 +163,19 @@ def test_key_shuffle_runs_across_replicas_like_split_bn_on_one_device(two_replic
     for a, b in zip(single.weights, mirrored.weights):
         if "moving" not in a.path:  # split BN averages its splits' statistics
             np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
+
+
+def test_unequal_replica_slices_fail_loudly(two_replicas):
+    """A global batch of 7 splits 4 + 3: the gathered rows would not line up."""
+    from models import BYOLModel
+
+    with two_replicas.scope():
+        moco = _build(memory_size=20)
+        backbone = build_backbone("small_cnn", input_shape=SHAPE, norm="none")
+        byol = BYOLModel(backbone, projection_head(backbone.feature_dim, output_dim=16),
+                         seed=0)
+        byol.compile(optimizer=keras.optimizers.SGD(0.1))
+    strong, weak = _views(7)
+    for model in (moco, byol):
+        with pytest.raises(Exception, match="same number of examples"):
+            model.fit(tf.data.Dataset.from_tensor_slices((strong, weak)).batch(7), verbose=0)

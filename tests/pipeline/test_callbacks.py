@@ -4,6 +4,7 @@ import json
 import os
 
 import keras
+import pytest
 import numpy as np
 
 from pipeline import callbacks, splits
@@ -115,26 +116,64 @@ def _restore(backup_dir, restore_dir=None):
     return model, callback
 
 
-def test_backup_with_a_damaged_latest_restores_the_previous_and_keeps_it(tmp_path):
+def _saved(folder, values):
+    """A backup folder after the callback saved epochs 1, 2, ... with these weight values."""
+    model = _dense_model(0.0)
+    callback = callbacks.ClusterBackupAndRestore(folder)
+    callback.set_model(model)
+    for epoch, value in enumerate(values):
+        model.set_weights([np.full((2, 1), value, np.float32), np.zeros(1, np.float32)])
+        callback.on_epoch_end(epoch)
+    return callback
+
+
+def _restored(folder):
+    model, _ = _restore(folder)
+    return model.get_weights()[0][0, 0], model._initial_epoch
+
+
+@pytest.mark.parametrize("kill", ["half-written latest weights", "latest weights missing",
+                                  "latest metadata emptied", "weights of the next save"])
+def test_a_kill_in_mid_save_restores_the_previous_backup(tmp_path, kill):
+    folder = str(tmp_path / "backup")
+    _saved(folder, [2.0, 3.0])
+    assert _restored(folder) == (3.0, 2)
+    weights, metadata = (os.path.join(folder, name)
+                         for name in ("latest.weights.h5", "training_metadata.json"))
+    if kill == "half-written latest weights":
+        with open(weights, "r+b") as handle:
+            handle.truncate(os.path.getsize(weights) // 2)
+    elif kill == "latest weights missing":
+        os.remove(weights)
+    elif kill == "latest metadata emptied":
+        open(metadata, "w").close()
+    else:  # the next epoch's weights are in place, its metadata is not yet
+        _dense_model(4.0).save_weights(str(tmp_path / "next.weights.h5"))
+        os.replace(str(tmp_path / "next.weights.h5"), weights)
+    assert _restored(folder) == (2.0, 1)
+    assert callbacks.readable_backup(folder)[1] == 1
+
+
+def test_a_damaged_latest_backup_never_becomes_the_previous_one(tmp_path):
+    folder = str(tmp_path / "backup")
+    callback = _saved(folder, [2.0, 3.0])
+    with open(os.path.join(folder, "latest.weights.h5"), "wb") as handle:
+        handle.write(b"half-written")
+    callback.model.set_weights([np.full((2, 1), 4.0, np.float32), np.zeros(1, np.float32)])
+    callback.on_epoch_end(2)  # the stock callback would now copy the damaged file to .bkp
+    assert _restored(folder) == (4.0, 3)
+    os.remove(os.path.join(folder, "latest.weights.h5"))
+    assert _restored(folder) == (2.0, 1)  # the good previous backup survived
+
+
+def test_backups_of_the_stock_callback_still_restore(tmp_path):
     folder = str(tmp_path / "backup")
     _write_backup(folder, 2.0, epoch=2, suffix=".bkp")
     _write_backup(folder, 3.0, epoch=3)
+    assert _restored(folder) == (3.0, 3)
     with open(os.path.join(folder, "latest.weights.h5"), "wb") as handle:
-        handle.write(b"half-written")  # a kill in mid-save
-    assert callbacks.readable_backup(folder)[1] == 2
-    model, callback = _restore(folder)
-    assert model.get_weights()[0][0, 0] == 2.0 and model._initial_epoch == 2
-    assert open(os.path.join(folder, "latest.weights.h5"), "rb").read() == b"half-written"
-    # the next save replaces the damaged pair and keeps the good previous one as previous
-    model.set_weights([np.full((2, 1), 4.0, np.float32), np.zeros(1, np.float32)])
-    callback.on_epoch_end(2)
-    restored, _ = _restore(folder)
-    assert restored.get_weights()[0][0, 0] == 4.0 and restored._initial_epoch == 3
-    # the stock callback would have copied the damaged file over the previous backup
-    with open(os.path.join(folder, "latest.weights.h5"), "wb") as handle:
-        handle.write(b"killed again")
-    restored, _ = _restore(folder)
-    assert restored.get_weights()[0][0, 0] == 2.0 and restored._initial_epoch == 2
+        handle.write(b"half-written")
+    assert _restored(folder) == (2.0, 2)
 
 
 def test_a_worker_restores_the_chiefs_backup_and_writes_only_its_own(tmp_path):

@@ -180,9 +180,12 @@ def _contexts(count):
                                        num_replicas_in_sync=count) for i in range(count)]
 
 
-def test_input_pipelines_shard_by_file_when_there_are_enough_shards(class_sorted):
+def test_input_pipelines_shard_by_file_when_there_are_enough_shards(class_sorted, monkeypatch):
     from pipeline.prepared_dataset import read_split, split_files
 
+    # the fixture's 2 hash-filled shards of ~300 may differ by more than the 10% that
+    # decides the policy (tested below); here the reading itself is under test
+    monkeypatch.setattr(data, "FILE_SHARE_TOLERANCE", 1.0)
     files = split_files(class_sorted, "train")
     assert len(files) == 2
     # 2 pipelines, 2 shards: pipeline i reads shard i and nothing else
@@ -234,3 +237,30 @@ def test_training_reader_reshuffles_files_from_the_training_seed(class_foldered,
     monkeypatch.setattr(data, "read_split", lambda *a, **kw: calls.append(kw) or read_split(*a, **kw))
     data.pretrain_dataset(class_foldered, batch_size=30, seed=7)
     assert calls and calls[0]["shuffle_files_seed"] == 7
+
+
+def test_file_shares_are_used_only_when_they_are_even():
+    shards = [(f"s{i}", 100) for i in range(16)]
+    assert [len(share) for share in data._file_shares(shards, 4)] == [4, 4, 4, 4]
+    assert data._file_shares(shards, 9) is None  # 2 shards for seven workers, 1 for two
+    assert data._file_shares(shards, 17) is None  # fewer shards than pipelines
+    assert data._file_shares(shards, 1) is None
+    assert data._file_shares(shards, 16) is not None
+    uneven = [(f"s{i}", 100 if i else 150) for i in range(4)]
+    assert data._file_shares(uneven, 2) is None  # 250 against 200: more than 10% apart
+
+
+def test_a_resumed_pipeline_skips_one_batch_per_replica_it_feeds(digits16):
+    import tensorflow as tf
+
+    # one pipeline feeding two replicas (MirroredStrategy on a 2-device machine): every
+    # training step takes two of its batches
+    context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
+                                         num_replicas_in_sync=2)
+    uninterrupted = iter(data.pretrain_dataset(digits16, batch_size=32, seed=0,
+                                               input_context=context))
+    batches = [next(uninterrupted) for _ in range(8)]
+    resumed = next(iter(data.pretrain_dataset(digits16, batch_size=32, seed=0,
+                                              input_context=context, skip_steps=3)))
+    np.testing.assert_array_equal(resumed["label"], batches[6]["label"])
+    np.testing.assert_array_equal(resumed["strong_view"], batches[6]["strong_view"])

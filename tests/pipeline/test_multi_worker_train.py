@@ -40,8 +40,13 @@ def test_cluster_trains_writes_on_the_chief_only_and_resumes_after_a_kill(digits
                          extra_env={"TMPDIR": str(temp[0])}) as workers:
         deadline = time.time() + 120
         while time.time() < deadline and _epochs_done(run_dir) < 2:
-            assert all(w.poll() is None for w in workers), (tmp_path / "worker0.log").read_text()[-3000:]
+            assert all(w.poll() is None for w in workers), (
+                tmp_path / "worker0.log").read_text()[-3000:]
             time.sleep(0.1)
+        # the other worker records the same epochs, in its own temporary folder
+        own = list(temp[0].glob("ascl-worker-*"))
+        assert len(own) == 1 and (own[0] / "history.json").exists()
+        assert (own[0] / "backup" / "latest.weights.h5").exists()
         cluster.kill(workers[1])  # the non-chief: the chief then waits on it forever
         time.sleep(1.0)
         assert workers[0].poll() is None, "the chief went on without its peer"
@@ -53,7 +58,12 @@ def test_cluster_trains_writes_on_the_chief_only_and_resumes_after_a_kill(digits
     # 2. Restarting both resumes from the chief's backup and finishes the configured epochs.
     with cluster.cluster(lambda index: command, log_dir=str(tmp_path),
                          extra_env={"TMPDIR": str(temp[1])}) as workers:
-        codes = cluster.wait_all(workers, timeout=180)
+        seen = set()
+        deadline = time.time() + 180
+        while time.time() < deadline and any(w.poll() is None for w in workers):
+            seen.update(path.name for path in temp[1].glob("ascl-worker-*"))
+            time.sleep(0.1)
+        codes = cluster.wait_all(workers, timeout=max(1, deadline - time.time()))
     logs = "\n".join((tmp_path / f"worker{i}.log").read_text()[-3000:] for i in range(2))
     assert codes == [0, 0], logs
     history = json.load(open(os.path.join(run_dir, "history.json")))
@@ -69,7 +79,8 @@ def test_cluster_trains_writes_on_the_chief_only_and_resumes_after_a_kill(digits
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
         "best.json", "best.weights.h5", "epoch_0004.weights.h5", "epoch_0008.weights.h5",
         "epoch_0012.weights.h5", "last.weights.h5"]
-    assert list(temp[1].glob("ascl-worker-*")) == []
+    assert len(seen) == 1, "the other worker wrote into a temporary folder while it ran"
+    assert list(temp[1].glob("ascl-worker-*")) == [], "and removed it when it finished"
 
 
 def test_importing_the_package_leaves_tensorflow_uninitialised():

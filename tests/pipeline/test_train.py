@@ -222,9 +222,14 @@ def test_bad_config_or_dataset_fails_before_writing_anything(digits16, tmp_path)
 def test_split_bn_is_checked_against_the_per_replica_batch(digits16, tmp_path, two_replicas):
     # 64 is divisible by bn_splits 64, but each of 2 replicas normalises only 32 images
     with pytest.raises(ConfigError, match=r"model.bn_splits \(64\) must divide the batch each "
-                                          r"replica normalises, .* 64 / 2 = 32"):
+                                          r"replica normalises \(model.norm: split\), .* "
+                                          r"64 / 2 = 32"):
         train(_config(digits16, "model.bn_splits=64"), str(tmp_path / "run"),
               strategy=two_replicas)
+    with pytest.raises(ConfigError, match=r"\(model.predictor_norm: split\)"):
+        train(_config(digits16, "model.norm=batch", "ascl.framework=byol",
+                      "model.predictor_norm=split", "model.bn_splits=64"),
+              str(tmp_path / "run"), strategy=two_replicas)
     with pytest.raises(ConfigError, match=r"batch_size \(63\) must be a multiple of the 2 "):
         train(_config(digits16, "optimizer.batch_size=63", "model.norm=batch"),
               str(tmp_path / "run"), strategy=two_replicas)
