@@ -210,6 +210,34 @@ def write_summary(args, results_dir, base):
     plot(summary, (base or {}).get("top1"), os.path.join(args.out, "cifar10_quality.png"))
 
 
+def markdown_table(summary, epochs=(1, 5, 10, 20)):
+    """README table: kNN top-1 mean +- std over seeds at some epochs, and the linear probe."""
+    def cell(values, std=None):
+        mean = 100 * statistics.fmean(values) if std is None else 100 * values
+        if std is None:
+            std = 100 * statistics.stdev(values) if len(values) > 1 else None
+        else:
+            std = 100 * std
+        return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+    header = ("| part | arm | seeds | " + " | ".join(f"kNN ep {e}" for e in epochs)
+              + " | kNN last | linear |")
+    lines = [header, "|" + "---|" * (5 + len(epochs))]
+    for key, info in summary.items():
+        seeds = len(info["seeds"])
+        per_epoch = []
+        for epoch in epochs:
+            if epoch <= len(info["per_epoch_mean"]):
+                per_epoch.append(cell(info["per_epoch_mean"][epoch - 1],
+                                      info["per_epoch_std"][epoch - 1] if seeds > 1 else None)
+                                 if seeds > 1 else f"{100 * info['per_epoch_mean'][epoch - 1]:.1f}")
+            else:
+                per_epoch.append("")
+        lines.append(f"| {info['part']} | {info['arm']} | {seeds} | " + " | ".join(per_epoch)
+                     + f" | {cell(info['knn_top1_final'])} | {cell(info['linear_final'])} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=".data/cifar10-prepared")
@@ -219,7 +247,12 @@ def main():
     parser.add_argument("--max-runs", type=int, default=0,
                         help="stop after this many runs in this sitting (0: all)")
     parser.add_argument("--dry-run", action="store_true", help="list the plan and exit")
+    parser.add_argument("--table", action="store_true",
+                        help="print the README table of the finished runs and exit")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(summarize(os.path.join(args.out, "cifar10_quality"))))
+        return
 
     results_dir = os.path.join(args.out, "cifar10_quality")
     plan = [(part, arm, seed) for part in args.parts.split(",") for arm, seed in
