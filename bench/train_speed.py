@@ -52,11 +52,11 @@ class StepTimes(keras.callbacks.Callback):
         return list(np.diff(self.ends)[skip:])
 
 
-def make_model(name):
+def make_model(name, norm="split"):
     backbone_name, mode, jit, policy = SETTINGS[name]
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
-    backbone = build_backbone(backbone_name, input_shape=(32, 32, 3), stem="cifar", norm="split",
+    backbone = build_backbone(backbone_name, input_shape=(32, 32, 3), stem="cifar", norm=norm,
                               bn_splits=8)
     hidden = (2048,) if backbone_name == "resnet18" else (512,)
     model = ASCLModel(backbone, projection_head(backbone.feature_dim, hidden_dims=hidden),
@@ -88,6 +88,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="timed steps per fit call")
     parser.add_argument("--warmup", type=int, default=3, help="step intervals dropped per call")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--norm", default="split", help="backbone normalisation (split: the "
+                                                           "reference's split BN 8)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     names = args.settings.split(",")
@@ -95,7 +97,7 @@ def main():
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
 
-    models = {name: make_model(name) for name in names}
+    models = {name: make_model(name, args.norm) for name in names}
     batches = {name: args.small_cnn_batch if SETTINGS[name][0] == "small_cnn" else args.batch
                for name in names}
     data = {batch: views(batch) for batch in set(batches.values())}

@@ -65,18 +65,24 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
                 f"SplitBatchNormalization with num_splits={self.num_splits} needs a batch size "
                 f"divisible by num_splits, received a batch of {batch}")
         input_dtype = inputs.dtype
-        x = ops.cast(inputs, "float32")
         rank = len(inputs.shape)
-        grouped = ops.reshape(x, (self.num_splits, -1) + tuple(ops.shape(x)[1:]))
-        # Reduce over the within-group batch axis and all spatial axes.
+        grouped = ops.reshape(inputs, (self.num_splits, -1) + tuple(ops.shape(inputs)[1:]))
+        # In float32 whatever the compute dtype: bfloat16 sums are too coarse for the
+        # statistics, and x * scale + offset cancels catastrophically in bfloat16 when the
+        # mean is large against the spread.
+        x = ops.cast(grouped, "float32")
         axes = tuple(range(1, rank))
-        mean, variance = ops.moments(grouped, axes=axes, keepdims=True)
-        normalised = (grouped - mean) * ops.rsqrt(variance + self.epsilon)
+        mean, variance = ops.moments(x, axes=axes, keepdims=True)
+        # One multiply-add per activation with per-group, per-channel scale and offset,
+        # instead of subtract, normalise, gamma and beta passes over the activations.
+        scale = ops.rsqrt(variance + self.epsilon)
         if self.scale:
-            normalised = normalised * ops.cast(self.gamma, "float32")
+            scale = scale * ops.cast(self.gamma, "float32")
+        offset = -mean * scale
         if self.center:
-            normalised = normalised + ops.cast(self.beta, "float32")
-        outputs = ops.reshape(normalised, ops.shape(x))
+            offset = offset + ops.cast(self.beta, "float32")
+        normalised = ops.cast(x * scale + offset, input_dtype)
+        outputs = ops.reshape(normalised, ops.shape(inputs))
 
         group_mean = ops.mean(ops.reshape(mean, (self.num_splits, -1)), axis=0)
         group_variance = ops.mean(ops.reshape(variance, (self.num_splits, -1)), axis=0)
@@ -84,7 +90,7 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
             self.moving_mean * self.momentum + group_mean * (1.0 - self.momentum))
         self.moving_variance.assign(
             self.moving_variance * self.momentum + group_variance * (1.0 - self.momentum))
-        return ops.cast(outputs, input_dtype)
+        return outputs
 
     def get_config(self):
         return {**super().get_config(), "num_splits": self.num_splits}

@@ -53,3 +53,20 @@ def test_config_round_trip():
     layer = SplitBatchNormalization(num_splits=4, name="bn")
     clone = SplitBatchNormalization.from_config(layer.get_config())
     assert clone.num_splits == 4 and clone.momentum == pytest.approx(0.9)
+
+
+def test_bfloat16_activations_keep_float32_statistics():
+    """Under mixed_bfloat16 the output is bfloat16 and as close to the float32 layer as
+    bfloat16 inputs and outputs allow, even with a mean 30 times the spread (a bfloat16
+    multiply-add would cancel catastrophically there); statistics stay float32."""
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=(8, 4, 4, 6)) * 3.0 + 100.0).astype("float32")  # a large mean
+    exact = SplitBatchNormalization(num_splits=2, gamma_initializer="ones")
+    expected = exact(x, training=True).numpy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    low = SplitBatchNormalization(num_splits=2)
+    y = low(keras.ops.cast(x, "bfloat16"), training=True)
+    assert y.dtype == "bfloat16" and low.moving_mean.dtype == "float32"
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.cast(y, "float32")),
+                               expected, atol=0.1)  # bf16 inputs near 100 are 0.5 apart
+    np.testing.assert_allclose(low.moving_mean.numpy(), exact.moving_mean.numpy(), rtol=1e-2)
