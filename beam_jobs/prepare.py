@@ -42,6 +42,9 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_jobs.images import (InvalidImage, decode_image, encode_png, square_and_resize,
                               validate_pixels)
@@ -116,7 +119,7 @@ class ChannelMeanStd(beam.CombineFn):
     """Per-channel mean and std (pixel units) from per-image ``(n, sum, sum of squares)``."""
 
     def create_accumulator(self):
-        return 0, np.zeros(3), np.zeros(3)
+        return 0, np.zeros(3, np.int64), np.zeros(3, np.int64)
 
     def add_input(self, accumulator, moments):
         count, total, squares = accumulator
@@ -132,18 +135,29 @@ class ChannelMeanStd(beam.CombineFn):
         count, total, squares = accumulator
         if count == 0:
             return None
-        mean = total / count
-        std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+        mean = total.astype(np.float64) / count
+        std = np.sqrt(np.maximum(squares.astype(np.float64) / count - mean ** 2, 0.0))
         return {"mean": mean.tolist(), "std": std.tolist(), "pixels_per_channel": int(count)}
 
 
 class ToExample(beam.DoFn):
-    """Decodes, validates, converts and re-encodes one item; failures go to ``dead``."""
+    """Decodes, validates, converts and re-encodes one item; failures go to ``dead``.
 
-    DEAD, SHAPE, MOMENTS = "dead", "shape", "moments"
+    Besides the examples it reports, once per bundle rather than once per image (fewer
+    elements through the runner), the image shapes seen (``shape``), the train split's
+    per-channel pixel moments (``moments``: count, sum, sum of squares, exact integers) and
+    each split's example count and encoded bytes (``sizes``), from which the shard counts
+    are derived.
+    """
+
+    DEAD, SHAPE, MOMENTS, SIZES = "dead", "shape", "moments", "sizes"
 
     def __init__(self, *, image_size, min_size):
         self.image_size, self.min_size = image_size, min_size
+
+    def start_bundle(self):
+        self._shapes, self._sizes = set(), {}
+        self._moments = [0, np.zeros(3, np.int64), np.zeros(3, np.int64)]
 
     def process(self, item, class_names):
         try:
@@ -158,14 +172,30 @@ class ToExample(beam.DoFn):
             return
         class_name = item["class_name"]
         label = class_names.index(class_name) if class_name in class_names else -1
-        yield {"split": item["split"], "id": item["id"], "example": make_example(
+        example = make_example(
             png=png, shape=pixels.shape, label=label, class_name=class_name,
-            example_id=item["id"], source_path=item["source_path"], split=item["split"])}
-        yield beam.pvalue.TaggedOutput(self.SHAPE, "x".join(map(str, pixels.shape)))
+            example_id=item["id"], source_path=item["source_path"], split=item["split"])
+        yield {"split": item["split"], "id": item["id"], "example": example}
+        self._shapes.add("x".join(map(str, pixels.shape)))
+        count, size = self._sizes.get(item["split"], (0, 0))
+        self._sizes[item["split"]] = (count + 1, size + len(example))
         if item["split"] == "train":
-            flat = pixels.reshape(-1, 3).astype(np.float64)
-            yield beam.pvalue.TaggedOutput(
-                self.MOMENTS, (flat.shape[0], flat.sum(axis=0), (flat ** 2).sum(axis=0)))
+            flat = pixels.reshape(-1, 3).astype(np.int64)
+            self._moments[0] += flat.shape[0]
+            self._moments[1] += flat.sum(axis=0)
+            self._moments[2] += np.einsum("ij,ij->j", flat, flat)
+
+    def finish_bundle(self):
+        def out(tag, value):
+            return beam.pvalue.TaggedOutput(tag, WindowedValue(value, MIN_TIMESTAMP,
+                                                               [GlobalWindow()]))
+
+        for shape in sorted(self._shapes):
+            yield out(self.SHAPE, shape)
+        for split, totals in sorted(self._sizes.items()):
+            yield out(self.SIZES, (split, totals))
+        if self._moments[0]:
+            yield out(self.MOMENTS, tuple(self._moments))
 
 
 class WriteShard(beam.DoFn):
@@ -389,13 +419,11 @@ def build_pipeline(pipeline, args):
     results = items | "ToExample" >> beam.ParDo(
         ToExample(image_size=args.image_size, min_size=args.min_size),
         class_names=beam.pvalue.AsSingleton(class_names)).with_outputs(
-            ToExample.DEAD, ToExample.SHAPE, ToExample.MOMENTS, main="valid")
+            ToExample.DEAD, ToExample.SHAPE, ToExample.MOMENTS, ToExample.SIZES, main="valid")
 
     sizing = dict(num_shards=args.num_shards, shard_size_mb=args.shard_size_mb,
                   min_shards=args.min_shards)
-    shards_per_split = (results.valid
-                        | "SizeBySplit" >> beam.Map(
-                            lambda r: (r["split"], (1, len(r["example"]))))
+    shards_per_split = (results.sizes
                         | "SumSizes" >> beam.CombinePerKey(
                             lambda pairs: tuple(map(sum, zip(*pairs))) or (0, 0))
                         | "ShardCount" >> beam.MapTuple(
