@@ -314,3 +314,16 @@ def test_weights_saved_before_the_label_queue_still_load(tmp_path):
     restored.load_weights(path)
     np.testing.assert_array_equal(restored.queue.numpy(), model.queue.numpy())
     assert (restored.label_queue.numpy() == -1).all()
+
+
+def test_objective_is_float32_under_mixed_bfloat16():
+    """The encoders compute in bfloat16; targets, confidence, logits and loss do not."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = _model(norm="split", shuffle_keys=False)
+    strong, weak = _views(8)
+    keys = model._encode_keys(tf.constant(weak))
+    assert model.query_encoder(strong).dtype == tf.bfloat16  # the policy is in force
+    loss, (logits, targets, confidence) = model._objective(
+        tf.constant(strong), keys, tf.identity(model.queue.value), training=True)
+    assert {t.dtype for t in (keys, loss, logits, targets, confidence)} == {tf.float32}
+    np.testing.assert_allclose(targets.numpy().sum(axis=1), 1.0, atol=1e-6)
