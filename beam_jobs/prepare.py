@@ -409,13 +409,8 @@ def build_pipeline(pipeline, args):
     items = pipeline | "Read" >> source
     if source.class_names is not None:
         class_names = pipeline | "KnownClasses" >> beam.Create([list(source.class_names)])
-    else:
-        class_names = (items
-                       | "ClassName" >> beam.Map(lambda item: item["class_name"])
-                       | "Labelled" >> beam.Filter(bool)
-                       | "Distinct" >> beam.Distinct()
-                       | "AllClasses" >> beam.combiners.ToList()
-                       | "Sort" >> beam.Map(sorted))
+    else:  # a folder tree: the sorted class folders, found from the matched paths
+        class_names = source.class_names_pcoll
     results = items | "ToExample" >> beam.ParDo(
         ToExample(image_size=args.image_size, min_size=args.min_size),
         class_names=beam.pvalue.AsSingleton(class_names)).with_outputs(

@@ -75,9 +75,11 @@ def check_folder_layout(root, layout):
 
 
 class ReadFolder(beam.PTransform):
-    """Every file under ``root`` (any Beam filesystem: local, gs://, ...)."""
+    """Every file under ``root`` (any Beam filesystem: local, gs://, ...).  Its class names,
+    the sorted class folders, are ``class_names_pcoll`` once the transform is applied."""
 
     class_names = None
+    class_names_pcoll = None
 
     def __init__(self, root, *, test_fraction, layout="auto"):
         super().__init__()
@@ -87,8 +89,19 @@ class ReadFolder(beam.PTransform):
 
     def expand(self, pipeline):
         root, fraction, layout = self.root, self.test_fraction, self.layout
-        return (pipeline
-                | "MatchFiles" >> fileio.MatchFiles(f"{root}/**")
+        matched = pipeline | "MatchFiles" >> fileio.MatchFiles(f"{root}/**")
+        # The label vocabulary comes from the paths alone, so that reading and converting the
+        # images (which need it as a side input) run as one fused stage instead of the runner
+        # holding every file's bytes until a pass over the items has found the classes.
+        self.class_names_pcoll = (
+            matched
+            | "ClassOfPath" >> beam.Map(
+                lambda m: folder_item(m.path, root, None, fraction, layout)["class_name"])
+            | "Labelled" >> beam.Filter(bool)
+            | "Distinct" >> beam.Distinct()
+            | "AllClasses" >> beam.combiners.ToList()
+            | "Sort" >> beam.Map(sorted))
+        return (matched
                 | "ReadMatches" >> fileio.ReadMatches()
                 | "ToItems" >> beam.Map(
                     lambda f: folder_item(f.metadata.path, root, f.read(), fraction, layout)))
