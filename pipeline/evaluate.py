@@ -117,7 +117,8 @@ def linear_probe(backbone, manifest, *, train_split, eval_split, epochs, lr, mil
         [base_lr * 0.1 ** i for i in range(len(drops) + 1)])
     classifier = keras.layers.Dense(
         num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01, seed=seed),
-        bias_initializer="zeros", name="linear_probe")
+        bias_initializer="zeros", name="linear_probe",
+        dtype="float32")  # float32 logits whatever mixed-precision policy is in force
     backbone.trainable = False
     try:
         if augment:

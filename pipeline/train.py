@@ -215,9 +215,16 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
         config, manifest, strategy.num_replicas_in_sync)
     changes = _check_resume(config, run_dir, allow_config_change)
     chief = is_chief(strategy)
-    with _write_dir(run_dir, chief) as write_dir:
-        return _train(config, run_dir, write_dir, chief, strategy, manifest, steps_per_epoch,
-                      train_selection, validation, changes, extra_callbacks, allow_config_change)
+    policy = keras.mixed_precision.global_policy()
+    try:
+        with _write_dir(run_dir, chief) as write_dir:
+            return _train(config, run_dir, write_dir, chief, strategy, manifest,
+                          steps_per_epoch, train_selection, validation, changes,
+                          extra_callbacks, allow_config_change)
+    finally:
+        # train.mixed_precision is this run's setting, not the process's: evaluation and
+        # anything else built afterwards in the same process (`ascl demo`) get the caller's.
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def _train(config, run_dir, write_dir, chief, strategy, manifest, steps_per_epoch,
