@@ -109,17 +109,11 @@ class ASCLModel(MomentumEncoderModel):
         self.label_queue = self.add_weight(
             shape=(memory_size,), initializer=keras.initializers.Constant(-1), dtype="int64",
             trainable=False, name="label_queue")
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.confidence_tracker = keras.metrics.Mean(name="confidence")
-        self.max_soft_label_tracker = keras.metrics.Mean(name="max_soft_label")
         self.accuracy_tracker = keras.metrics.Mean(name="contrastive_accuracy")
-        self.purity_tracker = keras.metrics.Mean(name="soft_label_purity")
         self.built = True
 
-    @property
-    def metrics(self):
-        return [self.loss_tracker, self.confidence_tracker, self.max_soft_label_tracker,
-                self.accuracy_tracker, *([self.purity_tracker] if self.label_purity else [])]
+    def _form_metrics(self):
+        return [self.accuracy_tracker]
 
     def load_own_variables(self, store):
         """Also reads weights saved before the label queue existed (it then starts empty)."""

@@ -82,17 +82,7 @@ class BYOLModel(MomentumEncoderModel):
                 f"{self.embedding_dim}-d predictions, received one from {shapes[0]} to "
                 f"{shapes[1]}")
         self.predictor = predictor
-
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.confidence_tracker = keras.metrics.Mean(name="confidence")
-        self.max_soft_label_tracker = keras.metrics.Mean(name="max_soft_label")
-        self.purity_tracker = keras.metrics.Mean(name="soft_label_purity")
         self.built = True
-
-    @property
-    def metrics(self):
-        return [self.loss_tracker, self.confidence_tracker, self.max_soft_label_tracker,
-                *([self.purity_tracker] if self.label_purity else [])]
 
     # ------------------------------------------------------------------ training
     def _batch_targets(self, weak, labels, training):

@@ -95,6 +95,20 @@ class MomentumEncoderModel(keras.Model):
             weight.trainable = False
         self.embedding_dim = int(self.query_encoder.output_shape[-1])
 
+        # The metrics both forms report; a form adds its own through _form_metrics.
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.confidence_tracker = keras.metrics.Mean(name="confidence")
+        self.max_soft_label_tracker = keras.metrics.Mean(name="max_soft_label")
+        self.purity_tracker = keras.metrics.Mean(name="soft_label_purity")
+
+    def _form_metrics(self):
+        return []
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.confidence_tracker, self.max_soft_label_tracker,
+                *self._form_metrics(), *([self.purity_tracker] if self.label_purity else [])]
+
     def call(self, inputs, training=False):
         """Backbone features of ``inputs`` (the embeddings used downstream)."""
         return self.backbone(inputs, training=training)
