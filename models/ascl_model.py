@@ -126,7 +126,13 @@ class ASCLModel(MomentumEncoderModel):
 
     # ------------------------------------------------------------------ training
     def _encode_keys(self, weak):
-        """Unit keys of this replica's weak views, through the key encoder in training mode.
+        """Unit keys of this replica's weak views (see ``_keys_and_gathered``)."""
+        return self._keys_and_gathered(weak)[0]
+
+    def _keys_and_gathered(self, weak):
+        """``(keys, gathered)``: unit keys of this replica's weak views, through the key
+        encoder in training mode, and all replicas' keys in replica order when this already
+        gathered them (else None), so that enqueueing need not gather them again.
 
         With ``shuffle_keys`` the batch is permuted before the key encoder and the keys put
         back in order after it, so that batch norm never normalises a key with its own
@@ -138,7 +144,7 @@ class ASCLModel(MomentumEncoderModel):
         with one split per replica computes the same keys on one device.
         """
         if not self.shuffle_keys:
-            return tf.stop_gradient(l2_normalize(self.key_encoder(weak, training=True)))
+            return tf.stop_gradient(l2_normalize(self.key_encoder(weak, training=True))), None
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync if context is not None else 1
         local = weak.shape[0] if weak.shape[0] is not None else tf.shape(weak)[0]
@@ -149,13 +155,13 @@ class ASCLModel(MomentumEncoderModel):
         order = tf.argsort(tf.random.stateless_uniform((size,), seed=self._step_seed()))
         if replicas == 1:
             keys = self.key_encoder(tf.gather(batch, order), training=True)
-            return tf.stop_gradient(l2_normalize(tf.gather(keys, tf.argsort(order))))
+            return tf.stop_gradient(l2_normalize(tf.gather(keys, tf.argsort(order)))), None
         start = replica_offset(batch, local, context)
         mine = order[start:start + local]  # this replica's slice of the permuted batch
         keys = context.all_gather(self.key_encoder(tf.gather(batch, mine), training=True),
                                   axis=0)
-        keys = tf.gather(keys, tf.argsort(order))  # back in global order
-        return tf.stop_gradient(l2_normalize(keys[start:start + local]))
+        keys = tf.stop_gradient(l2_normalize(tf.gather(keys, tf.argsort(order))))  # global order
+        return keys[start:start + local], keys
 
     def _objective(self, strong, keys, queue, training):
         """``(per-example loss, (logits, targets, confidence))``."""
@@ -175,7 +181,7 @@ class ASCLModel(MomentumEncoderModel):
 
     def train_step(self, data):
         strong, weak, labels = self._unpack(data)
-        keys = self._encode_keys(weak)
+        keys, gathered = self._keys_and_gathered(weak)
         queue = tf.identity(self.queue.value)  # the queue before this step's keys
         label_queue = tf.identity(self.label_queue.value)
         per_example_loss, (logits, targets, confidence) = self._minimize(
@@ -183,7 +189,7 @@ class ASCLModel(MomentumEncoderModel):
         if labels is not None and self.label_purity:
             self.purity_tracker.update_state(
                 *self._purity(targets[:, 1:], labels, label_queue))
-        self._enqueue(keys, labels)
+        self._enqueue(keys, labels, gathered)
         return self._update_metrics(per_example_loss, logits, targets, confidence)
 
     def test_step(self, data):
@@ -194,15 +200,16 @@ class ASCLModel(MomentumEncoderModel):
             strong, keys, tf.identity(self.queue.value), training=False)
         return self._update_metrics(per_example_loss, logits, targets, confidence)
 
-    def _enqueue(self, keys, labels=None):
-        """Writes this step's keys (all replicas', in replica order) into the ring, and their
-        labels (-1 when the data has none) into the label queue at the same places."""
+    def _enqueue(self, keys, labels=None, gathered=None):
+        """Writes this step's keys (all replicas', in replica order; ``gathered`` when the key
+        shuffle already gathered them) into the ring, and their labels (-1 when the data has
+        none) into the label queue at the same places."""
         if labels is None:
             labels = tf.fill(tf.shape(keys)[:1], tf.constant(-1, tf.int64))
         labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
-            keys = context.all_gather(keys, axis=0)
+            keys = gathered if gathered is not None else context.all_gather(keys, axis=0)
             labels = context.all_gather(labels, axis=0)
         size = self.memory_size
         count = keys.shape[0] if keys.shape[0] is not None else tf.shape(keys)[0]
