@@ -248,3 +248,67 @@ def test_strong_view_blurs_by_default_at_32_px(monkeypatch):
                         lambda *args, **kwargs: calls.append(1) or blur(*args, **kwargs))
     augment.strong_view(_images(4, size=32), SEED, size=32)
     assert calls
+
+
+# -- the fast paths: same results as the plain operations -------------------------------------
+
+def _fixed_point_blur(image, sigma, box_radius):
+    """PIL's three box passes per axis in exact 24-bit integer arithmetic (NumPy int64)."""
+    kernel = augment.box_kernels(tf.constant([sigma]), box_radius).numpy()[0].astype(np.int64)
+    out = np.round(image * 255.0).astype(np.int64)
+    for axis in (1, 0):  # along the rows (width) first, as PIL
+        length = out.shape[axis]
+        for _ in range(augment.BLUR_PASSES):
+            total = np.zeros_like(out)
+            for tap, weight in zip(range(-box_radius, box_radius + 1), kernel):
+                source = np.clip(np.arange(length) + tap, 0, length - 1)
+                total += weight * np.take(out, source, axis=axis)
+            out = (total + 2 ** 23) >> 24
+    return out
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 1.7])
+def test_blur_is_exact_24_bit_fixed_point(sigma):
+    # sigma 1 puts many sums exactly on half a grey level: float32 sums would round them
+    # the other way (the matrix-product blur computes them in float64)
+    images = np.stack([_natural_image(20, seed) for seed in range(2)]) / 255.0
+    radius = augment.blur_radius(2.0)
+    ours = augment.blur_with_sigmas(tf.constant(images, tf.float32), tf.constant([sigma] * 2),
+                                    radius).numpy() * 255
+    for image, result in zip(images, ours):
+        np.testing.assert_array_equal(np.round(result), _fixed_point_blur(image, sigma,
+                                                                          radius // 3))
+
+
+def test_flip_inside_the_crop_equals_a_flip_after_it():
+    images = _images(32, size=16)
+    windows = augment.resized_crop_windows(SEED, 32, 16, 16, scale=(0.2, 1.0))
+    flip = tf.constant(np.arange(32) % 3 == 0)
+    fused = augment.crop_and_resize_windows(images, windows, 12, flip=flip).numpy()
+    plain = augment.crop_and_resize_windows(images, windows, 12).numpy()
+    expected = np.where(flip.numpy()[:, None, None, None], plain[:, :, ::-1], plain)
+    np.testing.assert_allclose(fused, expected, atol=1e-6)
+    weak = augment.weak_view(images, SEED, size=12).numpy()
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(SEED, 2))
+    separate = augment.random_flip(augment.random_resized_crop(images, crop_seed, size=12),
+                                   flip_seed).numpy()
+    np.testing.assert_allclose(weak, separate, atol=1e-6)
+
+
+def test_operations_drawn_for_some_images_leave_the_others_bit_identical():
+    images = _images(64, size=8)
+    factors, order, _ = augment.draw_color_jitter(SEED, 64)
+    applied = tf.constant(np.arange(64) % 2 == 0)
+    jittered = augment.jitter_colors(images, factors, order, applied).numpy()
+    everything = augment.jitter_colors(images, factors, order).numpy()
+    np.testing.assert_array_equal(jittered[1::2], images.numpy()[1::2])
+    np.testing.assert_allclose(jittered[::2], everything[::2], atol=1e-6)
+    blurred = augment.gaussian_blur(images, SEED, p=0.5).numpy()
+    sigmas, chosen = (t.numpy() for t in augment.draw_blur(SEED, 64))
+    np.testing.assert_array_equal(blurred[~chosen], images.numpy()[~chosen])
+    alone = augment.blur_with_sigmas(tf.constant(images.numpy()[chosen]), sigmas[chosen],
+                                     augment.blur_radius(2.0)).numpy()
+    np.testing.assert_array_equal(blurred[chosen], alone)
+    gray = augment.random_grayscale(images, SEED, p=0.5).numpy()
+    kept = np.all(gray == images.numpy(), axis=(1, 2, 3))
+    assert 16 < kept.sum() < 48 and np.all(gray[~kept][..., 0] == gray[~kept][..., 2])
