@@ -17,7 +17,11 @@ import posixpath
 import apache_beam as beam
 import numpy as np
 from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 KNOWN_SPLITS = ("train", "test", "validation", "val", "valid", "unlabeled", "unlabelled")
 LAYOUTS = ("auto", "split/class", "class")
@@ -55,6 +59,13 @@ def folder_item(path, root, data, test_fraction, layout="auto"):
             "data": data, "pixels": None}
 
 
+def read_file(path):
+    """A file's bytes as stored (any Beam filesystem)."""
+    with FileSystems.open(path, mime_type="application/octet-stream",
+                          compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return handle.read()
+
+
 def check_folder_layout(root, layout):
     """With ``auto``, refuses a tree whose first-level folders hold class folders but are not
     known split names (``training/cat/1.jpg``): they would silently become class names.
@@ -72,6 +83,25 @@ def check_folder_layout(root, layout):
             f"split names ({', '.join(KNOWN_SPLITS)}), so the layout is ambiguous. Pass "
             f"--layout split/class if they are splits (PATH/<split>/<class>/<file>) or "
             f"--layout class if they are classes (PATH/<class>/.../<file>)")
+
+
+class _ClassesOfPaths(beam.DoFn):
+    """The distinct class folders of a bundle's matched paths, once per bundle (a handful of
+    elements through the runner instead of one per file)."""
+
+    def __init__(self, root, test_fraction, layout):
+        self.root, self.test_fraction, self.layout = root, test_fraction, layout
+
+    def start_bundle(self):
+        self._names = set()
+
+    def process(self, metadata):
+        self._names.add(folder_item(metadata.path, self.root, None, self.test_fraction,
+                                    self.layout)["class_name"])
+
+    def finish_bundle(self):
+        for name in sorted(self._names - {""}):  # "" is unlabelled
+            yield WindowedValue(name, MIN_TIMESTAMP, [GlobalWindow()])
 
 
 class ReadFolder(beam.PTransform):
@@ -95,16 +125,15 @@ class ReadFolder(beam.PTransform):
         # holding every file's bytes until a pass over the items has found the classes.
         self.class_names_pcoll = (
             matched
-            | "ClassOfPath" >> beam.Map(
-                lambda m: folder_item(m.path, root, None, fraction, layout)["class_name"])
-            | "Labelled" >> beam.Filter(bool)
+            | "ClassesOfPaths" >> beam.ParDo(_ClassesOfPaths(root, fraction, layout))
             | "Distinct" >> beam.Distinct()
             | "AllClasses" >> beam.combiners.ToList()
             | "Sort" >> beam.Map(sorted))
-        return (matched
-                | "ReadMatches" >> fileio.ReadMatches()
-                | "ToItems" >> beam.Map(
-                    lambda f: folder_item(f.metadata.path, root, f.read(), fraction, layout)))
+        # One step reads each file and makes its item (fileio.ReadMatches would add a step
+        # per file, and guess a decompression from the file name).
+        return matched | "ReadFiles" >> beam.FlatMap(
+            lambda m: [] if m.path.endswith(("/", "\\")) else
+            [folder_item(m.path, root, read_file(m.path), fraction, layout)])
 
 
 def digit_images():
