@@ -70,3 +70,37 @@ def test_bfloat16_activations_keep_float32_statistics():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.cast(y, "float32")),
                                expected, atol=0.1)  # bf16 inputs near 100 are 0.5 apart
     np.testing.assert_allclose(low.moving_mean.numpy(), exact.moving_mean.numpy(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 5, 4), (12, 6)])
+def test_gradients_and_moving_variance_match_per_group_batch_norm(shape):
+    """The fused kernel (groups laid out as channels) against batch norm written out per
+    group: outputs, gradients for the inputs, gamma and beta, and the moving variance (the
+    biased variance averaged over groups), for images and for vectors."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=shape) * 2.0 + 1.0, tf.float32)
+    weights = tf.constant(rng.normal(size=shape), tf.float32)
+    layer = SplitBatchNormalization(num_splits=4, momentum=0.0)
+    layer.build(shape)
+    layer.gamma.assign(rng.uniform(0.5, 1.5, shape[-1]).astype("float32"))
+    layer.beta.assign(rng.normal(size=shape[-1]).astype("float32"))
+
+    def reference(x, gamma, beta):
+        groups = tf.reshape(x, (4, -1) + shape[1:])
+        axes = list(range(1, len(shape)))
+        mean, variance = tf.nn.moments(groups, axes=axes, keepdims=True)
+        out = (groups - mean) / tf.sqrt(variance + 1e-5) * gamma + beta
+        return tf.reshape(out, shape), tf.reduce_mean(tf.reshape(variance, (4, -1)), axis=0)
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours = layer(x, training=True)
+        expected, variance = reference(x, layer.gamma, layer.beta)
+        loss_ours, loss_expected = (tf.reduce_sum(y * weights) for y in (ours, expected))
+    np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=1e-4)
+    for wrt in (x, layer.gamma, layer.beta):
+        np.testing.assert_allclose(tape.gradient(loss_ours, wrt).numpy(),
+                                   tape.gradient(loss_expected, wrt).numpy(), atol=1e-4)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance.numpy(), rtol=1e-5)
