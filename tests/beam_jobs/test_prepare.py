@@ -425,3 +425,18 @@ def test_listing_a_local_tree_finds_the_folders_that_matching_finds(tmp_path):
     listed = _folders_holding_folders(str(tmp_path))
     assert listed == ["test", "train"]
     assert listed == _matched_folders_holding_folders(str(tmp_path))
+
+
+def test_walking_a_local_tree_finds_the_files_that_matching_finds(tmp_path, monkeypatch):
+    """A local tree is walked; elsewhere (gs://...) ``root/**`` is matched.  Both list the
+    same files, hidden ones and deep ones included (forced down the matching branch here)."""
+    import beam_jobs.sources as sources
+
+    for relative in ("train/cat/1.jpg", "train/cat/.hidden", "test/deep/er/2.png", "top.jpg"):
+        _write(tmp_path, relative, b"x")
+    (tmp_path / "empty").mkdir()
+    walked = sorted(sources.files_under(str(tmp_path)))
+    assert [os.path.relpath(p, tmp_path) for p in walked] == [
+        "test/deep/er/2.png", "top.jpg", "train/cat/.hidden", "train/cat/1.jpg"]
+    monkeypatch.setattr(sources.os.path, "isdir", lambda path: False)
+    assert sorted(sources.files_under(str(tmp_path))) == walked
