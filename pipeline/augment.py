@@ -176,19 +176,20 @@ def random_flip(images, seed):
 # torchvision's _blend(image, other, factor) = clamp(factor * image + (1 - factor) * other)
 
 def _brightness(images, factor):
-    # other = 0; images and factors are non-negative, so only the top can clip
-    return tf.minimum(images * _per_image(factor), 1.0)
+    return _clip_unit(images * _per_image(factor))
 
 
 def _contrast(images, factor):
     mean = tf.reduce_mean(_grayscale(images), axis=[1, 2, 3], keepdims=True)
-    factor = _per_image(factor)
-    return _clip_unit(images * factor + (1 - factor) * mean)
+    # (x - m) f + m, not torchvision's f x + (1 - f) m: the same value, and the rounding this
+    # pipeline has always had (the other form moves an ulp, which the blur's 8-bit rounding
+    # can turn into a grey level)
+    return _clip_unit((images - mean) * _per_image(factor) + mean)
 
 
 def _saturation(images, factor):
-    factor = _per_image(factor)
-    return _clip_unit(images * factor + (1 - factor) * _grayscale(images))
+    gray = _grayscale(images)
+    return _clip_unit((images - gray) * _per_image(factor) + gray)
 
 
 def _hue(images, shift):
