@@ -60,10 +60,25 @@ def folder_item(path, root, data, test_fraction, layout="auto"):
 
 
 def read_file(path):
-    """A file's bytes as stored (any Beam filesystem)."""
+    """A file's bytes (any Beam filesystem), decompressed when its name says so (``.gz``,
+    ``.bz2``, ...), as Beam's ``ReadMatches`` reads them."""
     with FileSystems.open(path, mime_type="application/octet-stream",
-                          compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                          compression_type=CompressionTypes.AUTO) as handle:
         return handle.read()
+
+
+def read_item(path, root, test_fraction, layout):
+    """The item for the file at ``path``; a file that cannot be read (a broken link, no
+    permission) becomes an item with ``unreadable`` set, which the job turns into a dead
+    letter instead of failing or skipping it."""
+    try:
+        data, unreadable = read_file(path), None
+    except (OSError, IOError) as error:  # Beam's filesystems raise IOError subclasses
+        data, unreadable = b"", f"could not read the file: {error}"
+    item = folder_item(path, root, data, test_fraction, layout)
+    if unreadable:
+        item["unreadable"] = unreadable
+    return item
 
 
 def _folders_holding_folders(root):
@@ -74,11 +89,18 @@ def _folders_holding_folders(root):
     matching every file of CIFAR-10's tree (and a stat of each) took about a second.  Object
     stores have no folders to list, so there the files are matched."""
     if "://" not in root and os.path.isdir(root):
-        def has_file(folder):
-            return any(entry.is_file() for entry in os.scandir(folder))
+        def entries(folder):  # closed even when any() stops early
+            with os.scandir(folder) as listing:
+                return list(listing)
 
-        return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and any(
-            sub.is_dir() and has_file(sub.path) for sub in os.scandir(entry.path)))
+        def is_folder(entry):  # links to folders are not followed, as os.walk does not
+            return entry.is_dir(follow_symlinks=False)
+
+        def has_file(folder):
+            return any(entry.is_file() for entry in entries(folder))
+
+        return sorted(entry.name for entry in entries(root) if is_folder(entry) and any(
+            is_folder(sub) and has_file(sub.path) for sub in entries(entry.path)))
     return _matched_folders_holding_folders(root)
 
 
@@ -167,8 +189,7 @@ class ReadFolder(beam.PTransform):
             | "Sort" >> beam.Map(sorted))
         # One step reads each file and makes its item (fileio.ReadMatches would add a step
         # per file, and guess a decompression from the file name).
-        return matched | "ReadFiles" >> beam.Map(
-            lambda path: folder_item(path, root, read_file(path), fraction, layout))
+        return matched | "ReadFiles" >> beam.Map(read_item, root, fraction, layout)
 
 
 def digit_images():

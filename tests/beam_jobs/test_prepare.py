@@ -440,3 +440,66 @@ def test_walking_a_local_tree_finds_the_files_that_matching_finds(tmp_path, monk
         "test/deep/er/2.png", "top.jpg", "train/cat/.hidden", "train/cat/1.jpg"]
     monkeypatch.setattr(sources.os.path, "isdir", lambda path: False)
     assert sorted(sources.files_under(str(tmp_path))) == walked
+
+
+def test_unreadable_and_compressed_files(tmp_path):
+    """A file that cannot be read (a broken link) is a dead letter with the reason, not a
+    crash and not a silent skip; a gzipped image is read decompressed, as Beam's ReadMatches
+    reads files whose name says they are compressed."""
+    import gzip
+
+    root = tmp_path / "tree"
+    for index in range(3):
+        _write(root, f"train/cat/{index}.png", _encode(Image.fromarray(_pixels(index)), "PNG"))
+    _write(root, "train/cat/zipped.png.gz",
+           gzip.compress(_encode(Image.fromarray(_pixels(7)), "PNG")))
+    (root / "train" / "cat" / "gone.png").symlink_to(root / "nowhere.png")
+    output = tmp_path / "out"
+    manifest = run(["--source", f"folder:{root}", "--output", str(output)])
+    assert manifest["num_inputs"] == 5 and manifest["splits"]["train"]["num_examples"] == 4
+    (name,) = manifest["dead_letters"]["files"]
+    (line,) = [json.loads(line) for line in (output / name).read_text().splitlines()]
+    assert line["path"].endswith("gone.png") and line["reason"].startswith(
+        "could not read the file")
+
+
+def test_per_bundle_reports_start_afresh_in_every_bundle():
+    """ToExample reports shapes, sizes and moments once per bundle; nothing may carry over
+    from one bundle into the next (a runner reuses the instance)."""
+    from apache_beam.pvalue import TaggedOutput
+
+    from beam_jobs.prepare import ToExample
+
+    def item(index, split):
+        return {"id": f"{split}/c/{index}", "source_path": f"/x/{index}", "split": split,
+                "class_name": "c", "data": None, "pixels": _pixels(index, size=8)}
+
+    convert = ToExample(image_size=None, min_size=4)
+
+    def bundle(items):
+        convert.start_bundle()
+        out = [o for i in items for o in convert.process(i, ["c"])]
+        reports = {}
+        for tagged in convert.finish_bundle():
+            assert isinstance(tagged, TaggedOutput)
+            reports.setdefault(tagged.tag, []).append(tagged.value.value)
+        return out, reports
+
+    first, first_reports = bundle([item(0, "train"), item(1, "train"), item(2, "test")])
+    second, second_reports = bundle([item(3, "train")])
+    assert len(first) == 3 and len(second) == 1
+    assert dict(first_reports["sizes"])["train"][0] == 2
+    assert dict(second_reports["sizes"]) == {"train": (1, len(second[0]["example"]))}
+    (moments,) = second_reports["moments"]
+    pixels = _pixels(3, size=8).reshape(-1, 3).astype(np.int64)
+    assert moments[0] == 64
+    np.testing.assert_array_equal(moments[1], pixels.sum(0))
+    np.testing.assert_array_equal(moments[2], (pixels ** 2).sum(0))
+
+
+def test_the_lossy_multi_threaded_direct_mode_is_refused_before_any_work(image_tree, tmp_path):
+    root, _ = image_tree
+    with pytest.raises(ValueError, match="multi_threading.*lost examples"):
+        run(["--source", f"folder:{root}", "--output", str(tmp_path / "out"),
+             "--direct_num_workers", "2", "--direct_running_mode", "multi_threading"])
+    assert not (tmp_path / "out").exists()

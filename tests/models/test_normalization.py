@@ -74,9 +74,9 @@ def test_bfloat16_activations_keep_float32_statistics():
 
 @pytest.mark.parametrize("shape", [(8, 3, 5, 4), (12, 6)])
 def test_gradients_and_moving_variance_match_per_group_batch_norm(shape):
-    """The fused kernel (groups laid out as channels) against batch norm written out per
-    group: outputs, gradients for the inputs, gamma and beta, and the moving variance (the
-    biased variance averaged over groups), for images and for vectors."""
+    """SplitBatchNormalization against batch norm written out per group: outputs, gradients
+    for the inputs, gamma and beta, and the moving variance (the biased variance averaged
+    over groups), for images and for vectors."""
     import tensorflow as tf
 
     rng = np.random.default_rng(3)
