@@ -42,9 +42,7 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
+from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs.images import (InvalidImage, decode_image, encode_png, square_and_resize,
                               validate_pixels)
@@ -178,7 +176,7 @@ class ToExample(beam.DoFn):
             png=png, shape=pixels.shape, label=label, class_name=class_name,
             example_id=item["id"], source_path=item["source_path"], split=item["split"])
         yield {"split": item["split"], "id": item["id"], "example": example}
-        self._shapes.add("x".join(map(str, pixels.shape)))
+        self._shapes.add(pixels.shape)
         count, size = self._sizes.get(item["split"], (0, 0))
         self._sizes[item["split"]] = (count + 1, size + len(example))
         if item["split"] == "train":
@@ -190,11 +188,10 @@ class ToExample(beam.DoFn):
 
     def finish_bundle(self):
         def out(tag, value):
-            return beam.pvalue.TaggedOutput(tag, WindowedValue(value, MIN_TIMESTAMP,
-                                                               [GlobalWindow()]))
+            return beam.pvalue.TaggedOutput(tag, GlobalWindows.windowed_value(value))
 
         for shape in sorted(self._shapes):
-            yield out(self.SHAPE, shape)
+            yield out(self.SHAPE, "x".join(map(str, shape)))
         for split, totals in sorted(self._sizes.items()):
             yield out(self.SIZES, (split, totals))
         count = int(self._histogram[0].sum())

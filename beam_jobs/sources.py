@@ -19,9 +19,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
+from apache_beam.transforms.window import GlobalWindows
 
 KNOWN_SPLITS = ("train", "test", "validation", "val", "valid", "unlabeled", "unlabelled")
 LAYOUTS = ("auto", "split/class", "class")
@@ -33,6 +31,13 @@ def hashed_split(key, test_fraction):
     return "test" if int.from_bytes(digest[:8], "big") / 2.0 ** 64 < test_fraction else "train"
 
 
+def relative_path(path, root):
+    """``path`` relative to ``root``, with ``/`` separators.  A listed file lies under its
+    root: cutting the prefix is what relpath would return, at a fraction of its cost."""
+    path, root = path.replace("\\", "/"), root.replace("\\", "/").rstrip("/")
+    return path[len(root) + 1:] if path.startswith(root + "/") else posixpath.relpath(path, root)
+
+
 def folder_item(path, root, data, test_fraction, layout="auto"):
     """An item for the file at ``path`` under ``root``, its split and class from the tree.
 
@@ -41,12 +46,7 @@ def folder_item(path, root, data, test_fraction, layout="auto"):
     when the first folder is a known split name (train, test, validation, ...), else the
     second.  A file with no class folder is unlabelled.
     """
-    source_path = path
-    path, root = path.replace("\\", "/"), root.replace("\\", "/").rstrip("/")
-    # A matched file lies under its root: cutting the prefix is what relpath would return,
-    # at a fraction of its cost per file.
-    relative = (path[len(root) + 1:] if path.startswith(root + "/")
-                else posixpath.relpath(path, root))
+    relative = relative_path(path, root)
     parts = relative.split("/")
     by_split = layout == "split/class" or (layout == "auto" and len(parts) >= 3
                                             and parts[0] in KNOWN_SPLITS)
@@ -55,7 +55,7 @@ def folder_item(path, root, data, test_fraction, layout="auto"):
     else:
         split = hashed_split(relative, test_fraction)
         class_name = parts[0] if len(parts) >= 2 else ""
-    return {"id": relative, "source_path": source_path, "split": split, "class_name": class_name,
+    return {"id": relative, "source_path": path, "split": split, "class_name": class_name,
             "data": data, "pixels": None}
 
 
@@ -73,7 +73,7 @@ def read_item(path, root, test_fraction, layout):
     letter instead of failing or skipping it."""
     try:
         data, unreadable = read_file(path), None
-    except (OSError, IOError) as error:  # Beam's filesystems raise IOError subclasses
+    except OSError as error:  # IOError, which Beam's filesystems raise, is OSError
         data, unreadable = b"", f"could not read the file: {error}"
     item = folder_item(path, root, data, test_fraction, layout)
     if unreadable:
@@ -83,31 +83,9 @@ def read_item(path, root, test_fraction, layout):
 
 def _folders_holding_folders(root):
     """The first-level folders of ``root`` with files two levels down (what ``root/*/*/*``
-    matches: files, not deeper folders).
-
-    A local tree is listed folder by folder and stops at the first file of each sub-folder;
-    matching every file of CIFAR-10's tree (and a stat of each) took about a second.  Object
-    stores have no folders to list, so there the files are matched."""
-    if "://" not in root and os.path.isdir(root):
-        def entries(folder):  # closed even when any() stops early
-            with os.scandir(folder) as listing:
-                return list(listing)
-
-        def is_folder(entry):  # links to folders are not followed, as os.walk does not
-            return entry.is_dir(follow_symlinks=False)
-
-        def has_file(folder):
-            return any(entry.is_file() for entry in entries(folder))
-
-        return sorted(entry.name for entry in entries(root) if is_folder(entry) and any(
-            is_folder(sub) and has_file(sub.path) for sub in entries(entry.path)))
-    return _matched_folders_holding_folders(root)
-
-
-def _matched_folders_holding_folders(root):
-    nested = FileSystems.match([f"{root}/*/*/*"])[0].metadata_list
-    return sorted({posixpath.relpath(m.path.replace("\\", "/"), root).split("/")[0]
-                   for m in nested})
+    matches: files, not deeper folders), from the same listing the job reads."""
+    return sorted({parts[0] for parts in (relative_path(path, root).split("/")
+                                          for path in files_under(root)) if len(parts) == 3})
 
 
 def check_folder_layout(root, layout):
@@ -143,7 +121,7 @@ class _ClassesOfPaths(beam.DoFn):
 
     def finish_bundle(self):
         for name in sorted(self._names - {""}):  # "" is unlabelled
-            yield WindowedValue(name, MIN_TIMESTAMP, [GlobalWindow()])
+            yield GlobalWindows.windowed_value(name)
 
 
 def files_under(root):

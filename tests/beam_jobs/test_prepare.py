@@ -413,18 +413,19 @@ def test_an_example_lost_between_conversion_and_shards_fails_the_job(image_tree,
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_listing_a_local_tree_finds_the_folders_that_matching_finds(tmp_path):
+def test_listing_a_local_tree_finds_the_folders_that_matching_finds(tmp_path, monkeypatch):
     """The layout check lists a local tree instead of matching every file; on object stores
     it matches.  Both agree: folders with files two levels down (not deeper folders)."""
-    from beam_jobs.sources import _folders_holding_folders, _matched_folders_holding_folders
+    import beam_jobs.sources as sources
 
     for relative in ("train/cat/1.jpg", "test/dog/2.jpg", "flat/3.jpg", "deep/a/b/4.jpg",
                      "top.jpg"):
         _write(tmp_path, relative, b"x")
     (tmp_path / "hollow" / "empty").mkdir(parents=True)
-    listed = _folders_holding_folders(str(tmp_path))
+    listed = sources._folders_holding_folders(str(tmp_path))
     assert listed == ["test", "train"]
-    assert listed == _matched_folders_holding_folders(str(tmp_path))
+    monkeypatch.setattr(sources.os.path, "isdir", lambda path: False)  # the matching branch
+    assert listed == sources._folders_holding_folders(str(tmp_path))
 
 
 def test_walking_a_local_tree_finds_the_files_that_matching_finds(tmp_path, monkeypatch):
