@@ -60,14 +60,6 @@ def _per_image(mask):
     return tf.reshape(mask, [-1, 1, 1, 1])
 
 
-def _select(mask, chosen, other):
-    """``chosen`` where the per-image ``mask`` [B] is true, else ``other``: a 0/1 blend,
-    exact for finite values and, unlike a ``tf.where`` broadcasting a [B, 1, 1, 1] mask,
-    one fused pass per operand (the broadcasting select was a third of a flip's cost)."""
-    weight = _per_image(tf.cast(mask, chosen.dtype))
-    return chosen * weight + other * (1 - weight)
-
-
 def _grayscale(images):
     """Luma [..., 1]: one matrix product over the channels (half the time of a multiply and
     a reduction here)."""
@@ -169,8 +161,8 @@ def _draw_flip(seed, batch):
 
 def random_flip(images, seed):
     """Mirrors each image left-right with probability 1/2."""
-    flip = _draw_flip(seed, _batch_size(images))
-    return _select(flip, tf.reverse(images, axis=[2]), images)
+    return _update_chosen(images, _draw_flip(seed, _batch_size(images)),
+                          lambda chosen: tf.reverse(chosen, axis=[2]))
 
 
 # torchvision's _blend(image, other, factor) = clamp(factor * image + (1 - factor) * other)
@@ -333,17 +325,20 @@ def blur_with_sigmas(images, sigmas, radius):
     height, width, channels = tf.shape(images)[1], tf.shape(images)[2], images.shape[-1]
     box_radius = radius // BLUR_PASSES
 
-    def passes(columns, length):  # three rounded passes along axis 1 of [B, length, N]
-        matrices = _box_pass_matrices(sigmas, box_radius, length)
+    def passes(columns, matrices):  # three rounded passes along axis 1 of [B, length, N]
         for _ in range(BLUR_PASSES):
             columns = tf.floor((tf.matmul(matrices, columns) + 2.0 ** 23) / 2.0 ** 24)
         return columns
 
+    along_rows = _box_pass_matrices(sigmas, box_radius, width)
+    square = images.shape[1] is not None and images.shape[1] == images.shape[2]
+    along_columns = along_rows if square else _box_pass_matrices(sigmas, box_radius, height)
     pixels = tf.round(tf.cast(images, tf.float64) * 255.0)  # the reference blurs 8-bit images
     # along the rows (width) first, as PIL: width to axis 1, height and channels flattened
-    out = passes(tf.reshape(tf.transpose(pixels, [0, 2, 1, 3]), [batch, width, -1]), width)
+    out = passes(tf.reshape(tf.transpose(pixels, [0, 2, 1, 3]), [batch, width, -1]),
+                 along_rows)
     out = tf.transpose(tf.reshape(out, [batch, width, height, channels]), [0, 2, 1, 3])
-    out = passes(tf.reshape(out, [batch, height, -1]), height)
+    out = passes(tf.reshape(out, [batch, height, -1]), along_columns)
     return tf.cast(tf.reshape(out, tf.shape(images)) / 255.0, images.dtype)
 
 
