@@ -59,7 +59,7 @@ class ASCLModel(MomentumEncoderModel):
       mode: ``"ascl"``, ``"ahcl"``, ``"hard"`` or ``"moco"``; see
         ``models.objective.ascl_targets``.
       shuffle_keys: shuffle the key batch around the key encoder (MoCo's shuffled BN),
-        across replicas under a strategy (``_encode_keys``).
+        across replicas under a strategy (``_keys_and_gathered``).
       seed: seeds the initial queue and the key shuffles.
       weight_decay: coefficient of an L2 penalty ``wd/2 * sum ||w||^2`` on every
         trainable query weight, added to the loss so that, as with
@@ -125,10 +125,6 @@ class ASCLModel(MomentumEncoderModel):
         super().load_own_variables(store)
 
     # ------------------------------------------------------------------ training
-    def _encode_keys(self, weak):
-        """Unit keys of this replica's weak views (see ``_keys_and_gathered``)."""
-        return self._keys_and_gathered(weak)[0]
-
     def _keys_and_gathered(self, weak):
         """``(keys, gathered)``: unit keys of this replica's weak views, through the key
         encoder in training mode, and all replicas' keys in replica order when this already

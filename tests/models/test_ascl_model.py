@@ -321,7 +321,7 @@ def test_objective_is_float32_under_mixed_bfloat16():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = _model(norm="split", shuffle_keys=False)
     strong, weak = _views(8)
-    keys = model._encode_keys(tf.constant(weak))
+    keys, _ = model._keys_and_gathered(tf.constant(weak))
     assert model.query_encoder(strong).dtype == tf.bfloat16  # the policy is in force
     loss, (logits, targets, confidence) = model._objective(
         tf.constant(strong), keys, tf.identity(model.queue.value), training=True)
