@@ -17,7 +17,9 @@ The ratio epoch / step is what the input pipeline costs the epoch.  Cases:
 
 * ``small_cnn_f32``: ``configs/cifar10_small_cpu.yaml`` as it is (batch 256, 45,000 images);
 * ``resnet18_bf16``: ``configs/cifar10_resnet18.yaml`` under ``mixed_bfloat16`` at batch 64
-  (lr scaled linearly), on a fixed 5,120-image sample so that an epoch takes a minute or two.
+  (lr scaled linearly), on a fixed 5,120-image sample so that an epoch takes a minute or two;
+* ``small_cnn_f32_noblur`` (diagnostic, run only when named): the first case without the
+  strong view's blur, a cheaper input pipeline with the same step.
 """
 
 import argparse
@@ -39,6 +41,9 @@ CASES = {
     "resnet18_bf16": ("configs/cifar10_resnet18.yaml",
                       ["train.mixed_precision=mixed_bfloat16", "optimizer.batch_size=64",
                        "data.train_limit=5120"]),
+    # diagnostic, not a target: the small CNN without the strong view's blur, to show how
+    # the ratio moves with the input pipeline's cost
+    "small_cnn_f32_noblur": ("configs/cifar10_small_cpu.yaml", ["data.blur=false"]),
 }
 COMMON = ["train.epochs=2", "train.knn_every=0", "train.view_images=0", "train.verbose=0",
           "train.checkpoint_every=1000"]
