@@ -156,40 +156,53 @@ PART_TITLES = {"a": "small CNN, 20 epochs", "b": "small CNN, 60 epochs",
 
 
 def plot(summary, raw_pixel, path):
-    """One panel per part: mean kNN curve per arm, min-max band across seeds."""
+    """One column per part.  Top: mean kNN curve per arm, min-max band across seeds.
+    Bottom: soft-label purity per epoch (mean over seeds) of the arms that measure it, the
+    share of each target row's queue mass on keys of the query's class (chance: 0.1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     parts = sorted({info["part"] for info in summary.values()})
-    figure, axes = plt.subplots(1, max(len(parts), 1), figsize=(6.2 * max(len(parts), 1), 4.8),
-                                squeeze=False)
-    for axis, part in zip(axes[0], parts):
+    columns = max(len(parts), 1)
+    figure, axes = plt.subplots(2, columns, figsize=(6.2 * columns, 8.4), squeeze=False,
+                                sharex="col", gridspec_kw={"height_ratios": [3, 2]})
+    for column, part in enumerate(parts):
+        knn_axis, purity_axis = axes[0][column], axes[1][column]
         for arm, info in summary.items():
             if info["part"] != part:
                 continue
             epochs = range(1, len(info["per_epoch_mean"]) + 1)
             seeds = len(info["seeds"])
             label = f"{info['arm']} ({seeds} seed{'s' if seeds > 1 else ''})"
-            line, = axis.plot(epochs, [100 * v for v in info["per_epoch_mean"]], label=label)
+            line, = knn_axis.plot(epochs, [100 * v for v in info["per_epoch_mean"]], label=label)
             if seeds > 1:
-                axis.fill_between(epochs, [100 * v for v in info["per_epoch_min"]],
-                                  [100 * v for v in info["per_epoch_max"]], alpha=0.2,
-                                  color=line.get_color())
+                knn_axis.fill_between(epochs, [100 * v for v in info["per_epoch_min"]],
+                                      [100 * v for v in info["per_epoch_max"]], alpha=0.2,
+                                      color=line.get_color())
+            purity = info.get("soft_label_purity_per_epoch_mean")
+            if purity:
+                purity_axis.plot(range(1, len(purity) + 1), purity, label=label,
+                                 color=line.get_color())
         if raw_pixel is not None:
-            axis.axhline(100 * raw_pixel, color="gray", linestyle="--", label="raw-pixel kNN")
-        axis.set_xlabel("epoch")
-        axis.set_ylabel("kNN top-1 on CIFAR-10 test (%)")
-        axis.set_title(f"part {part}: {PART_TITLES.get(part, part)}")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+            knn_axis.axhline(100 * raw_pixel, color="gray", linestyle="--", label="raw-pixel kNN")
+        knn_axis.set_ylabel("kNN top-1 on CIFAR-10 test (%)")
+        knn_axis.set_title(f"part {part}: {PART_TITLES.get(part, part)}")
+        purity_axis.axhline(0.1, color="gray", linestyle="--", label="chance (10 classes)")
+        purity_axis.set_xlabel("epoch")
+        purity_axis.set_ylabel("soft-label purity (training stream)")
+        for axis in (knn_axis, purity_axis):
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
     figure.suptitle("CIFAR-10 on a 2-core CPU: mean over seeds, min-max band")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
-def write_summary(args, results_dir, base):
+def write_summary(args, results_dir, base, command=None):
+    """Writes cifar10_quality.json and the plot; ``command`` is the benchmark's command line
+    to record (default: this process's)."""
     summary = summarize(results_dir)
     order = {}
     if os.path.exists(os.path.join(args.out, "data_order.json")):
@@ -197,7 +210,7 @@ def write_summary(args, results_dir, base):
             order = {run["label"]: run for run in json.load(handle)["runs"]}
     full = order.get("faithful_order_full_split", {})
     report = {
-        "command": "python bench/cifar10_quality.py " + " ".join(sys.argv[1:]),
+        "command": command or "python bench/cifar10_quality.py " + " ".join(sys.argv[1:]),
         "config": CONFIG, "parts": {p: v["epochs"] for p, v in PARTS.items()},
         "raw_pixel_knn": base,
         "largest_class_share": {
@@ -252,9 +265,19 @@ def main():
     parser.add_argument("--dry-run", action="store_true", help="list the plan and exit")
     parser.add_argument("--table", action="store_true",
                         help="print the README table of the finished runs and exit")
+    parser.add_argument("--summarize", action="store_true",
+                        help="rewrite cifar10_quality.json and the plot from the finished runs "
+                             "and exit (the raw-pixel baseline must have been computed)")
     args = parser.parse_args()
     if args.table:
         print(markdown_table(summarize(os.path.join(args.out, "cifar10_quality"))))
+        return
+    if args.summarize:
+        with open(os.path.join(args.out, "cifar10_raw_pixel_knn.json")) as handle:
+            base = json.load(handle)
+        with open(os.path.join(args.out, "cifar10_quality.json")) as handle:
+            command = json.load(handle)["command"]  # the command that ran the benchmark
+        write_summary(args, os.path.join(args.out, "cifar10_quality"), base, command)
         return
 
     results_dir = os.path.join(args.out, "cifar10_quality")
