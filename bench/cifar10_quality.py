@@ -239,7 +239,7 @@ def markdown_table(summary, epochs=(1, 5, 10, 20)):
     header = ("| part | arm | seeds | " + " | ".join(f"kNN ep {e}" for e in epochs)
               + " | kNN last | linear |")
     lines = [header, "|" + "---|" * (5 + len(epochs))]
-    for key, info in summary.items():
+    for key, info in sorted(summary.items(), key=lambda item: (item[1]["part"], item[1]["arm"])):
         seeds = len(info["seeds"])
         per_epoch = []
         for epoch in epochs:
