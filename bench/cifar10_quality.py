@@ -151,6 +151,20 @@ def summarize(results_dir):
     return out
 
 
+def seconds_per_run(results_dir):
+    """Per finished run: its training epochs' seconds (all sittings: the per-epoch times are
+    kept in its history) and the wall seconds of the sitting that finished it (kNN monitor
+    and linear probe included)."""
+    out = {}
+    for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(results_dir, name)) as handle:
+                result = json.load(handle)
+            out[name[:-len(".json")]] = {"train_seconds": result["train_seconds"],
+                                         "last_sitting_seconds": result["seconds_this_sitting"]}
+    return out
+
+
 PART_TITLES = {"a": "small CNN, 20 epochs", "b": "small CNN, 60 epochs",
                "c": "ResNet-20, 20 epochs"}
 
@@ -219,6 +233,7 @@ def write_summary(args, results_dir, base, command=None):
             "max_in_4096_window": full.get("max_largest_class_share_per_window"),
             "measured_by": "bench/data_order.py --label faithful_order_full_split "
                            "--set data.validation_size=0"},
+        "seconds_per_run": seconds_per_run(results_dir),
         "summary": summary,
     }
     with open(os.path.join(args.out, "cifar10_quality.json"), "w") as handle:
