@@ -12,15 +12,19 @@ repeat, wall time of each whole pipeline (the fixed cost is in every case; compa
 * ``group_by_key``: each path keyed onto 32 keys with a 2.5 KB payload (about an encoded
   CIFAR-10 example), then ``GroupByKey``, as the job groups examples by shard;
 * ``group_per_bundle``: the same bytes combined per bundle first, so that only one element per
-  key and bundle reaches the ``GroupByKey``.
+  key and bundle reaches the ``GroupByKey``;
+* ``group_small``: the same keys and elements with no payload (the control: what grouping
+  60,000 elements costs without the bytes).
 
 Used to tell whether the job's cost over a plain loop is per step and element or per byte.
 """
 
 import argparse
+import json
 import logging
 import os
 import statistics
+import sys
 import time
 
 import apache_beam as beam
@@ -43,8 +47,8 @@ class _GroupPerBundle(beam.DoFn):
             yield GlobalWindows.windowed_value((key, values))
 
 
-def _keyed(paths):
-    return paths | "Key" >> beam.Map(lambda path: (hash(path) % KEYS, (path, PAYLOAD)))
+def _keyed(paths, payload=PAYLOAD):
+    return paths | "Key" >> beam.Map(lambda path: (hash(path) % KEYS, (path, payload)))
 
 
 CASES = {
@@ -58,6 +62,8 @@ CASES = {
     "group_per_bundle": lambda paths: (_keyed(paths) | beam.ParDo(_GroupPerBundle())
                                        | beam.GroupByKey()
                                        | beam.Map(lambda group: sum(map(len, group[1])))),
+    "group_small": lambda paths: (_keyed(paths, b"") | beam.GroupByKey()
+                                  | beam.Map(lambda group: len(group[1]))),
 }
 
 
@@ -73,6 +79,7 @@ def seconds(case):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.WARNING)
     times = {case: [] for case in CASES}
@@ -82,6 +89,14 @@ def main():
     for case, values in times.items():
         print(f"{case:>17}: median {statistics.median(values):.2f} s  "
               f"({', '.join(f'{v:.2f}' for v in values)})")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"command": "python bench/beam_runner_costs.py " + " ".join(sys.argv[1:]),
+                       "elements": ELEMENTS, "keys": KEYS, "payload_bytes": len(PAYLOAD),
+                       "seconds": {case: [round(v, 3) for v in values]
+                                   for case, values in times.items()},
+                       "median_seconds": {case: round(statistics.median(values), 3)
+                                          for case, values in times.items()}}, handle, indent=2)
 
 
 if __name__ == "__main__":

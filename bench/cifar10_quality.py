@@ -152,9 +152,10 @@ def summarize(results_dir):
 
 
 def seconds_per_run(results_dir):
-    """Per finished run: its training epochs' seconds (all sittings: the per-epoch times are
-    kept in its history) and the wall seconds of the sitting that finished it (kNN monitor
-    and linear probe included)."""
+    """Per finished run: ``train_seconds``, its training epochs' seconds over all sittings
+    (from the per-epoch times in its history; no kNN monitor, no probe), and
+    ``last_sitting_seconds``, the wall time of the ``train`` call in the sitting that finished
+    it (kNN monitor included; earlier sittings of a resumed run and the linear probe not)."""
     out = {}
     for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
         if name.endswith(".json"):
@@ -178,7 +179,12 @@ def plot(summary, raw_pixel, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     parts = sorted({info["part"] for info in summary.values()})
+    arms = sorted({info["arm"] for info in summary.values()})
+    palette = plt.get_cmap("tab10")
+    colour = {arm: palette(index % 10) for index, arm in enumerate(arms)}  # same in every part
     columns = max(len(parts), 1)
     figure, axes = plt.subplots(2, columns, figsize=(6.2 * columns, 8.4), squeeze=False,
                                 sharex="col", gridspec_kw={"height_ratios": [3, 2]})
@@ -190,26 +196,32 @@ def plot(summary, raw_pixel, path):
             epochs = range(1, len(info["per_epoch_mean"]) + 1)
             seeds = len(info["seeds"])
             label = f"{info['arm']} ({seeds} seed{'s' if seeds > 1 else ''})"
-            line, = knn_axis.plot(epochs, [100 * v for v in info["per_epoch_mean"]], label=label)
+            knn_axis.plot(epochs, [100 * v for v in info["per_epoch_mean"]], label=label,
+                          color=colour[info["arm"]])
             if seeds > 1:
                 knn_axis.fill_between(epochs, [100 * v for v in info["per_epoch_min"]],
                                       [100 * v for v in info["per_epoch_max"]], alpha=0.2,
-                                      color=line.get_color())
+                                      color=colour[info["arm"]])
             purity = info.get("soft_label_purity_per_epoch_mean")
             if purity:
                 purity_axis.plot(range(1, len(purity) + 1), purity, label=label,
-                                 color=line.get_color())
+                                 color=colour[info["arm"]])
         if raw_pixel is not None:
             knn_axis.axhline(100 * raw_pixel, color="gray", linestyle="--", label="raw-pixel kNN")
         knn_axis.set_ylabel("kNN top-1 on CIFAR-10 test (%)")
         knn_axis.set_title(f"part {part}: {PART_TITLES.get(part, part)}")
         purity_axis.axhline(0.1, color="gray", linestyle="--", label="chance (10 classes)")
+        if not purity_axis.get_lines()[:-1]:  # only the chance line
+            purity_axis.text(0.5, 0.6, "no finished arm of this part measures purity",
+                             transform=purity_axis.transAxes, ha="center", fontsize=9)
         purity_axis.set_xlabel("epoch")
+        purity_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         purity_axis.set_ylabel("soft-label purity (training stream)")
         for axis in (knn_axis, purity_axis):
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8)
-    figure.suptitle("CIFAR-10 on a 2-core CPU: mean over seeds, min-max band")
+    figure.suptitle("CIFAR-10 on a 2-core CPU: kNN mean over seeds with min-max band; "
+                    "purity mean over seeds")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -236,9 +248,13 @@ def write_summary(args, results_dir, base, command=None):
         "seconds_per_run": seconds_per_run(results_dir),
         "summary": summary,
     }
-    with open(os.path.join(args.out, "cifar10_quality.json"), "w") as handle:
+    path = os.path.join(args.out, "cifar10_quality.json")
+    with open(path + ".tmp", "w") as handle:
         json.dump(report, handle, indent=1)
-    plot(summary, (base or {}).get("top1"), os.path.join(args.out, "cifar10_quality.png"))
+    os.replace(path + ".tmp", path)
+    plot_path = os.path.join(args.out, "cifar10_quality.png")
+    plot(summary, (base or {}).get("top1"), plot_path + ".tmp.png")
+    os.replace(plot_path + ".tmp.png", plot_path)
 
 
 def markdown_table(summary, epochs=(1, 5, 10, 20)):
@@ -284,15 +300,27 @@ def main():
                         help="rewrite cifar10_quality.json and the plot from the finished runs "
                              "and exit (the raw-pixel baseline must have been computed)")
     args = parser.parse_args()
+    if args.table and args.summarize:
+        parser.error("--table and --summarize are separate actions: pass one")
     if args.table:
         print(markdown_table(summarize(os.path.join(args.out, "cifar10_quality"))))
         return
     if args.summarize:
-        with open(os.path.join(args.out, "cifar10_raw_pixel_knn.json")) as handle:
-            base = json.load(handle)
-        with open(os.path.join(args.out, "cifar10_quality.json")) as handle:
-            command = json.load(handle)["command"]  # the command that ran the benchmark
-        write_summary(args, os.path.join(args.out, "cifar10_quality"), base, command)
+        results_dir = os.path.join(args.out, "cifar10_quality")
+        if not summarize(results_dir):
+            parser.error(f"no finished runs in {results_dir}: nothing to summarize")
+        base, command = None, None
+        base_path = os.path.join(args.out, "cifar10_raw_pixel_knn.json")
+        if os.path.exists(base_path):
+            with open(base_path) as handle:
+                base = json.load(handle)
+        else:
+            print(f"warning: {base_path} is missing; the summary has no raw-pixel baseline")
+        report_path = os.path.join(args.out, "cifar10_quality.json")
+        if os.path.exists(report_path):
+            with open(report_path) as handle:
+                command = json.load(handle).get("command")  # the command that ran the runs
+        write_summary(args, results_dir, base, command)
         return
 
     results_dir = os.path.join(args.out, "cifar10_quality")
