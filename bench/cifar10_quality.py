@@ -106,23 +106,34 @@ def train_one(args, part, arm, seed, result_path):
                            **{k: r[k] for k in keys if k in r}} for r in history],
               "knn_top1_final": history[-1]["test_knn_top1"], "linear_probe": probe}
     os.makedirs(os.path.dirname(result_path), exist_ok=True)
-    with open(result_path + ".tmp", "w") as handle:
-        json.dump(result, handle, indent=1)
-    os.replace(result_path + ".tmp", result_path)
+    _dump_json(result, result_path)
     return result
+
+
+def _dump_json(value, path):
+    """Writes ``path`` whole or not at all (a reader never sees half a file)."""
+    with open(path + ".tmp", "w") as handle:
+        json.dump(value, handle, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _mean_std(values):
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(results_dir):
-    """The summary of every finished run: per arm (and part) lists per seed, mean, std."""
+def load_results(results_dir):
+    """Every finished run's result file, in file-name order."""
     results = []
     for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
         if name.endswith(".json"):
             with open(os.path.join(results_dir, name)) as handle:
                 results.append(json.load(handle))
+    return results
+
+
+def summarize(results):
+    """The summary of finished runs (``load_results``): per arm (and part) lists per seed,
+    mean, std."""
     summary = {}
     for result in results:
         key = result["arm"] if result["part"] == "a" else f"{result['arm']}_{result['part']}"
@@ -151,19 +162,14 @@ def summarize(results_dir):
     return out
 
 
-def seconds_per_run(results_dir):
+def seconds_per_run(results):
     """Per finished run: ``train_seconds``, its training epochs' seconds over all sittings
     (from the per-epoch times in its history; no kNN monitor, no probe), and
     ``last_sitting_seconds``, the wall time of the ``train`` call in the sitting that finished
     it (kNN monitor included; earlier sittings of a resumed run and the linear probe not)."""
-    out = {}
-    for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
-        if name.endswith(".json"):
-            with open(os.path.join(results_dir, name)) as handle:
-                result = json.load(handle)
-            out[name[:-len(".json")]] = {"train_seconds": result["train_seconds"],
-                                         "last_sitting_seconds": result["seconds_this_sitting"]}
-    return out
+    return {run_name(r["part"], r["arm"], r["seed"]): {
+        "train_seconds": r["train_seconds"], "last_sitting_seconds": r["seconds_this_sitting"]}
+        for r in results}
 
 
 PART_TITLES = {"a": "small CNN, 20 epochs", "b": "small CNN, 60 epochs",
@@ -229,7 +235,8 @@ def plot(summary, raw_pixel, path):
 def write_summary(args, results_dir, base, command=None):
     """Writes cifar10_quality.json and the plot; ``command`` is the benchmark's command line
     to record (default: this process's)."""
-    summary = summarize(results_dir)
+    results = load_results(results_dir)
+    summary = summarize(results)
     order = {}
     if os.path.exists(os.path.join(args.out, "data_order.json")):
         with open(os.path.join(args.out, "data_order.json")) as handle:
@@ -245,13 +252,10 @@ def write_summary(args, results_dir, base, command=None):
             "max_in_4096_window": full.get("max_largest_class_share_per_window"),
             "measured_by": "bench/data_order.py --label faithful_order_full_split "
                            "--set data.validation_size=0"},
-        "seconds_per_run": seconds_per_run(results_dir),
+        "seconds_per_run": seconds_per_run(results),
         "summary": summary,
     }
-    path = os.path.join(args.out, "cifar10_quality.json")
-    with open(path + ".tmp", "w") as handle:
-        json.dump(report, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    _dump_json(report, os.path.join(args.out, "cifar10_quality.json"))
     plot_path = os.path.join(args.out, "cifar10_quality.png")
     plot(summary, (base or {}).get("top1"), plot_path + ".tmp.png")
     os.replace(plot_path + ".tmp.png", plot_path)
@@ -302,12 +306,12 @@ def main():
     args = parser.parse_args()
     if args.table and args.summarize:
         parser.error("--table and --summarize are separate actions: pass one")
+    results_dir = os.path.join(args.out, "cifar10_quality")
     if args.table:
-        print(markdown_table(summarize(os.path.join(args.out, "cifar10_quality"))))
+        print(markdown_table(summarize(load_results(results_dir))))
         return
     if args.summarize:
-        results_dir = os.path.join(args.out, "cifar10_quality")
-        if not summarize(results_dir):
+        if not load_results(results_dir):
             parser.error(f"no finished runs in {results_dir}: nothing to summarize")
         base, command = None, None
         base_path = os.path.join(args.out, "cifar10_raw_pixel_knn.json")
@@ -323,7 +327,6 @@ def main():
         write_summary(args, results_dir, base, command)
         return
 
-    results_dir = os.path.join(args.out, "cifar10_quality")
     plan = [(part, arm, seed) for part in args.parts.split(",") for arm, seed in
             PARTS[part]["runs"]]
     todo = [item for item in plan if not os.path.exists(
