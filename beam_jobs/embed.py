@@ -9,8 +9,11 @@ rejects go to ``dead_letters-*.jsonl``).  Images go through
 ``apache_beam.ml.inference.RunInference`` with Beam's TensorFlow model
 handler, calling the export's ``embed_pixels`` signature on batches.  Writes
 ``embeddings-*.tfrecord`` (``tf.train.Example`` with ``id``, ``label``,
-``embedding``), optionally ``embeddings-*.parquet``, and a TensorBoard
-projector folder for a sample.  Other flags are Beam ``PipelineOptions``.
+``class_name``, ``source_path``, ``embedding``), optionally
+``embeddings-*.parquet``, a TensorBoard projector folder for a sample, and,
+last, ``embed_info.json``: which export (and so which run, checkpoint and
+weights digest) made the embeddings, so that ``ascl export --gallery`` can
+refuse embeddings of other weights.  Other flags are Beam ``PipelineOptions``.
 """
 
 import argparse
@@ -27,6 +30,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from beam_jobs.embed_output import EMBED_INFO_NAME, EMBEDDINGS_PREFIX
 from beam_jobs.images import InvalidImage, decode_image, square_and_resize, validate_pixels
 from beam_jobs.sources import ReadFolder
 
@@ -69,9 +73,11 @@ def _example_to_item(record):
 
     feature = example_pb2.Example.FromString(record).features.feature
     pixels = decode_image(feature["image/encoded"].bytes_list.value[0])
+    source = feature["source_path"].bytes_list.value if "source_path" in feature else []
     return (json.dumps({"id": feature["id"].bytes_list.value[0].decode(),
                         "label": int(feature["label"].int64_list.value[0]),
-                        "class_name": feature["class_name"].bytes_list.value[0].decode()},
+                        "class_name": feature["class_name"].bytes_list.value[0].decode(),
+                        "source_path": source[0].decode() if source else ""},
                        sort_keys=True), pixels)
 
 
@@ -92,8 +98,8 @@ class _ToPixels(beam.DoFn):
             return
         label = (self.class_names.index(item["class_name"])
                  if item["class_name"] in self.class_names else -1)
-        yield json.dumps({"id": item["id"], "label": label,
-                          "class_name": item["class_name"]}, sort_keys=True), pixels
+        yield json.dumps({"id": item["id"], "label": label, "class_name": item["class_name"],
+                          "source_path": item["source_path"]}, sort_keys=True), pixels
 
 
 def _sample_rank(key):
@@ -127,6 +133,7 @@ def _to_example(key, embedding):
     feature["id"].bytes_list.value.append(info["id"].encode())
     feature["label"].int64_list.value.append(info["label"])
     feature["class_name"].bytes_list.value.append(info.get("class_name", "").encode())
+    feature["source_path"].bytes_list.value.append(info.get("source_path", "").encode())
     feature["embedding"].float_list.value.extend(np.asarray(embedding, np.float32).tolist())
     return example.SerializeToString(deterministic=True)
 
@@ -217,20 +224,22 @@ def run(argv=None):
                       | "Unwrap" >> beam.MapTuple(lambda key, result: (key, result.inference)))
         (embeddings
          | "ToExample" >> beam.MapTuple(_to_example)
-         | "WriteTFRecord" >> beam.io.WriteToTFRecord(f"{output}/embeddings",
+         | "WriteTFRecord" >> beam.io.WriteToTFRecord(f"{output}/{EMBEDDINGS_PREFIX}",
                                                       file_name_suffix=".tfrecord"))
         if args.parquet:
             import pyarrow
 
             schema = pyarrow.schema([("id", pyarrow.string()), ("label", pyarrow.int64()),
                                      ("class_name", pyarrow.string()),
+                                     ("source_path", pyarrow.string()),
                                      ("embedding", pyarrow.list_(pyarrow.float32()))])
             (embeddings
              | "ToRow" >> beam.MapTuple(lambda key, emb: {
                  "id": json.loads(key)["id"], "label": json.loads(key)["label"],
                  "class_name": json.loads(key).get("class_name", ""),
+                 "source_path": json.loads(key).get("source_path", ""),
                  "embedding": np.asarray(emb, np.float32).tolist()})
-             | "WriteParquet" >> beam.io.WriteToParquet(f"{output}/embeddings", schema,
+             | "WriteParquet" >> beam.io.WriteToParquet(f"{output}/{EMBEDDINGS_PREFIX}", schema,
                                                         file_name_suffix=".parquet"))
         if args.projector_samples:
             (embeddings
@@ -242,7 +251,22 @@ def run(argv=None):
         count | "WriteCount" >> beam.io.WriteToText(f"{output}/count", num_shards=1,
                                                     shard_name_template="", file_name_suffix=".txt")
     with FileSystems.open(f"{output}/count.txt") as handle:
-        return int(handle.read().decode().strip())
+        count = int(handle.read().decode().strip())
+    _write_embed_info(output, args, info, count)
+    return count
+
+
+def _write_embed_info(output, args, export_info, count):
+    """``embed_info.json``, written last: the export and the weights that made the embeddings
+    (``weights_sha256``: null for an export made before exports recorded it)."""
+    model = args.model if "://" in args.model else os.path.abspath(args.model)
+    record = {"model": model, "weights_sha256": export_info.get("weights_sha256"),
+              "run_dir": export_info.get("run_dir"), "checkpoint": export_info.get("checkpoint"),
+              "embedding_dim": export_info.get("embedding_dim"), "input": args.input,
+              "split": None if args.input.startswith("folder:") else args.split,
+              "count": count}
+    with FileSystems.create(f"{output}/{EMBED_INFO_NAME}") as handle:
+        handle.write(json.dumps(record, indent=2).encode())
 
 
 def main(argv=None):

@@ -62,8 +62,21 @@ def _export(args):
     from pipeline.export import export_run
 
     path = export_run(args.run_dir, name=args.name, checkpoint=args.checkpoint,
-                      version=args.version, base_dir=args.base_dir)
-    print(f"exported {path} (signatures: serving_default, embed_pixels)")
+                      version=args.version, base_dir=args.base_dir, gallery=args.gallery,
+                      k=args.k, gallery_dtype=args.gallery_dtype)
+    signatures = "serving_default, embed_pixels" + (
+        f", neighbors and neighbors_of_embedding (top {args.k})" if args.gallery else "")
+    print(f"exported {path} (signatures: {signatures})")
+    return 0
+
+
+def _search(args):
+    from pipeline.search import draw_contact_sheet, format_rows, search_image
+
+    rows, image_bytes = search_image(args.model, args.image, k=args.k)
+    print(format_rows(rows))
+    if args.sheet:
+        print(f"contact sheet: {draw_contact_sheet(image_bytes, rows, args.sheet)}")
     return 0
 
 
@@ -122,7 +135,28 @@ def build_parser():
     export.add_argument("--name", required=True, help="model name (saved_models/NAME/VERSION)")
     export.add_argument("--version", type=int, help="default: the next integer")
     export.add_argument("--base-dir", default="saved_models")
+    export.add_argument("--gallery", metavar="EMBED_OUTPUT",
+                        help="an `ascl embed` output folder, embedded with an export of the same "
+                             "run and checkpoint: adds the `neighbors` and "
+                             "`neighbors_of_embedding` signatures (similar-image search)")
+    export.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    export.add_argument("--gallery-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="how the gallery is stored and searched (bfloat16: half the "
+                             "memory; see BENCHMARKS.md for its recall)")
     export.set_defaults(handler=_export)
+
+    search = subcommands.add_parser(
+        "search", help="the gallery neighbours of an image, through an export's `neighbors`",
+        description="Prints the nearest gallery images of --image (id, score, label, path), "
+                    "calling the SavedModel's `neighbors` signature as TF Serving does.")
+    search.add_argument("--model", required=True, help="an export with a gallery: "
+                                                       "saved_models/NAME/VERSION")
+    search.add_argument("--image", required=True, help="the query image file")
+    search.add_argument("--k", type=int, default=8, help="neighbours to show (default 8; at "
+                                                         "most the export's k)")
+    search.add_argument("--sheet", metavar="OUT.png",
+                        help="also draw a contact sheet: the query beside its neighbours")
+    search.set_defaults(handler=_search)
 
     demo = subcommands.add_parser(
         "demo", help="end to end on the bundled digits: prepare, train, evaluate, export")

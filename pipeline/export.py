@@ -12,6 +12,18 @@ signatures, built with Keras 3's ``keras.export.ExportArchive``:
   dataset's mean and std run in the graph.
 * ``embed_pixels``: ``images`` (``uint8 [None, H, W, 3]``) -> the same outputs.
 
+With a gallery (``ascl export --gallery EMBED_OUTPUT``, ``pipeline.gallery``)
+two more, for similar-image search inside TF Serving:
+
+* ``neighbors``: ``image_bytes`` -> ``ids`` (``string [None, k]``), ``scores``
+  (``float32 [None, k]``, cosine similarity, descending), ``labels``
+  (``int64 [None, k]``, -1 where unknown) and ``paths`` (``string [None, k]``);
+* ``neighbors_of_embedding``: ``embedding`` (``float32 [None, F]``, normalised
+  in the graph) -> the same outputs.
+
+The gallery is stored as variables of the version (``gallery/*``), so a new
+gallery is a new version.
+
 Only the query-side backbone and projector are exported, not the training
 model with its queue and key encoder.  The export is written to a temporary
 folder and renamed into place, so a server watching the folder never sees a
@@ -21,6 +33,7 @@ expected input (``assets.extra/ascl_export.json``) and the server's
 ``models.config`` are written too.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -32,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.data import channel_statistics
+from pipeline.gallery import GalleryIndex, check_gallery, gallery_description, read_gallery
 from pipeline.image_policy import square_crop_and_resize
 from pipeline.run_dir import checkpoint_info, load_trained_model
 
@@ -51,8 +65,22 @@ def _preprocess_bytes(image_bytes, size):
     return square_crop_and_resize(image, size)
 
 
-def build_export_archive(backbone, projector, manifest):
-    """An ``ExportArchive`` with the ``serving_default`` and ``embed_pixels`` endpoints."""
+def weights_sha256(*layers):
+    """A digest of the exported weights (each variable's path, shape, dtype and values, in
+    order): recorded in the export, copied into every embed output made with it, and
+    compared when an embed output becomes a gallery."""
+    digest = hashlib.sha256()
+    for layer in layers:
+        for variable in layer.weights:
+            value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value))
+            digest.update(f"{variable.path}|{value.shape}|{value.dtype}|".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def build_export_archive(backbone, projector, manifest, gallery=None):
+    """An ``ExportArchive`` with the ``serving_default`` and ``embed_pixels`` endpoints, and
+    ``neighbors`` and ``neighbors_of_embedding`` when a ``GalleryIndex`` is given."""
     height, width, _ = manifest["image_shape"]
     mean, std = (tf.constant(value) for value in channel_statistics(manifest))
 
@@ -87,7 +115,31 @@ def build_export_archive(backbone, projector, manifest):
     archive.add_endpoint("embed_pixels", serve_pixels,
                          input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8,
                                                         name="images")])
+    if gallery is not None:
+        _add_neighbor_endpoints(archive, gallery, serve_bytes, backbone.feature_dim)
     return archive
+
+
+def _add_neighbor_endpoints(archive, gallery, serve_bytes, feature_dim):
+    def neighbors(image_bytes):
+        return gallery.search(serve_bytes(image_bytes)["embedding"])
+
+    def neighbors_of_embedding(embedding):
+        # As in embed_pixels: a loaded SavedModel may be fed another width, and only the
+        # element count is known at run time.
+        well_formed = tf.equal(tf.size(embedding), tf.shape(embedding)[0] * feature_dim)
+        check = tf.debugging.Assert(well_formed, [
+            f"neighbors_of_embedding expects float32 embeddings of shape [batch, {feature_dim}]; "
+            "received", tf.size(embedding), "values for a batch of", tf.shape(embedding)[0]])
+        with tf.control_dependencies([check]):
+            return gallery.search(tf.math.l2_normalize(tf.identity(embedding), axis=1))
+
+    archive.add_variable_collection("gallery", gallery.variables_to_save)
+    archive.add_endpoint("neighbors", neighbors,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint("neighbors_of_embedding", neighbors_of_embedding,
+                         input_signature=[tf.TensorSpec([None, feature_dim], tf.float32,
+                                                        name="embedding")])
 
 
 def write_warmup_requests(export_dir, manifest, count=3):
@@ -128,19 +180,28 @@ def write_models_config(base_dir):
     return path
 
 
-def write_export(backbone, projector, manifest, final, *, provenance=None):
-    """Writes the SavedModel for ``backbone`` + ``projector`` at ``final``, atomically."""
+def write_export(backbone, projector, manifest, final, *, provenance=None, gallery=None,
+                 gallery_info=None):
+    """Writes the SavedModel for ``backbone`` + ``projector`` (and a ``GalleryIndex``) at
+    ``final``, atomically."""
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    signatures = ["serving_default", "embed_pixels"]
+    if gallery is not None:
+        signatures += ["neighbors", "neighbors_of_embedding"]
     try:
-        build_export_archive(backbone, projector, manifest).write_out(staging, verbose=False)
+        build_export_archive(backbone, projector, manifest, gallery).write_out(staging,
+                                                                               verbose=False)
         write_warmup_requests(staging, manifest)
         with open(os.path.join(staging, INFO_FILE), "w") as handle:
             json.dump({"image_shape": manifest["image_shape"],
                        "class_names": manifest["class_names"],
                        "train_statistics": manifest["train_statistics"],
-                       "signatures": ["serving_default", "embed_pixels"],
+                       "signatures": signatures,
+                       "embedding_dim": int(backbone.feature_dim),
+                       "weights_sha256": weights_sha256(backbone, projector),
+                       **({"gallery": gallery_info} if gallery_info else {}),
                        **(provenance or {})}, handle, indent=2)
         os.rename(staging, final)
     except BaseException:
@@ -149,13 +210,24 @@ def write_export(backbone, projector, manifest, final, *, provenance=None):
     return final
 
 
-def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="saved_models"):
-    """Exports a run's encoder to ``base_dir/name/version``; returns that path."""
+def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="saved_models",
+               gallery=None, k=10, gallery_dtype="float32"):
+    """Exports a run's encoder to ``base_dir/name/version``; returns that path.
+
+    ``gallery``: an ``ascl embed`` output folder made with an export of the same
+    weights; the export then also answers ``neighbors`` (top ``k``)."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
         raise ValueError(f"--name must be letters, digits, '.', '_' or '-', received {name!r}")
     if version is not None and version < 1:
         raise ValueError(f"--version must be >= 1, received {version}")
     model, _, manifest = load_trained_model(run_dir, checkpoint)
+    index = gallery_info = None
+    if gallery is not None:
+        contents = read_gallery(gallery)
+        check_gallery(contents, feature_dim=int(model.backbone.feature_dim), k=k,
+                      weights_sha256=weights_sha256(model.backbone, model.projector))
+        index = GalleryIndex(contents, k, gallery_dtype)
+        gallery_info = gallery_description(contents, gallery, k, gallery_dtype)
     model_dir = os.path.join(base_dir, name)
     if version is None:
         version = _next_version(model_dir)
@@ -163,7 +235,8 @@ def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="save
     if os.path.exists(final):
         raise FileExistsError(f"{final} already exists; versions are never overwritten "
                               f"(omit --version to take the next one)")
-    write_export(model.backbone, model.projector, manifest, final,
+    write_export(model.backbone, model.projector, manifest, final, gallery=index,
+                 gallery_info=gallery_info,
                  provenance={"run_dir": os.path.abspath(run_dir),
                              "checkpoint": checkpoint_info(run_dir, checkpoint)})
     write_models_config(base_dir)

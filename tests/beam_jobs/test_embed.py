@@ -55,8 +55,17 @@ def test_prepared_split_is_embedded_once_per_example(exported, digits16, tmp_pat
 
     (parquet,) = [n for n in os.listdir(output) if n.endswith(".parquet")]
     table = pq.read_table(os.path.join(output, parquet))
-    assert table.num_rows == count and set(table.column_names) == {"id", "label", "class_name",
-                                                                   "embedding"}
+    assert table.num_rows == count and set(table.column_names) == {
+        "id", "label", "class_name", "source_path", "embedding"}
+    assert all(path.startswith("sklearn.datasets.load_digits[")
+               for path in table.column("source_path").to_pylist())
+
+    # embed_info.json names the export and the digest of the weights that made the embeddings
+    info = json.load(open(os.path.join(output, "embed_info.json")))
+    export_info = json.load(open(os.path.join(model_dir, "assets.extra", "ascl_export.json")))
+    assert info["weights_sha256"] == export_info["weights_sha256"]
+    assert len(info["weights_sha256"]) == 64 and info["count"] == count
+    assert info["model"] == os.path.abspath(model_dir) and info["split"] == "test"
     assert sorted(set(table.column("class_name").to_pylist())) == [str(d) for d in range(10)]
     projector = os.path.join(output, "projector")
     assert len(open(os.path.join(projector, "vectors.tsv")).read().splitlines()) == 20
