@@ -16,6 +16,14 @@ _CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", 
                       "HSV", "I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
+# The formats the serving graph decodes (``pipeline.image_guard`` reads their headers), by
+# PIL's name for them (MPO: a camera's multi-picture JPEG, which starts as a JPEG).  Anything
+# else, TIFF for one, would train and then be refused by every export, so it is a dead letter.
+SERVED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "GIF": "GIF", "BMP": "BMP",
+                  "WEBP": "WebP"}
+SERVED_FORMAT_NAMES = ("JPEG", "PNG", "GIF", "BMP", "WebP")
+
+
 class InvalidImage(ValueError):
     """An input that cannot become a training image; the message says why."""
 
@@ -35,7 +43,8 @@ def _sixteen_bit_to_rgb(image):
 
 
 def decode_image(data):
-    """RGB uint8 ``[H, W, 3]`` pixels from encoded bytes (JPEG, PNG, GIF, BMP, ...)."""
+    """RGB uint8 ``[H, W, 3]`` pixels from encoded bytes in a format the serving graph also
+    decodes (``SERVED_FORMATS``)."""
     if not data:
         raise InvalidImage("empty file")
     try:
@@ -46,6 +55,9 @@ def decode_image(data):
     except Exception as error:  # PIL raises many types for corrupt bytes
         raise InvalidImage(
             f"undecodable bytes: {type(error).__name__}: {_stable(error)}") from error
+    if image.format not in SERVED_FORMATS:
+        raise InvalidImage(f"format {image.format} is not one the serving graph decodes "
+                           f"({', '.join(SERVED_FORMAT_NAMES)}): convert it first")
     if image.mode not in _CONVERTIBLE_MODES:
         raise InvalidImage(f"unsupported mode {image.mode}")
     if image.mode.startswith("I"):

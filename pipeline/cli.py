@@ -63,7 +63,7 @@ def _export(args):
 
     path = export_run(args.run_dir, name=args.name, checkpoint=args.checkpoint,
                       version=args.version, base_dir=args.base_dir, gallery=args.gallery,
-                      k=args.k, gallery_dtype=args.gallery_dtype)
+                      k=args.k, gallery_dtype=args.gallery_dtype, max_pixels=args.max_pixels)
     signatures = "serving_default, embed_pixels" + (
         f", neighbors and neighbors_of_embedding (top {args.k})" if args.gallery else "")
     print(f"exported {path} (signatures: {signatures})")
@@ -143,6 +143,11 @@ def build_parser():
     export.add_argument("--gallery-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="how the gallery is stored and searched (bfloat16: half the "
                              "memory; see BENCHMARKS.md for its recall)")
+    export.add_argument("--max-pixels", type=int, default=40_000_000,
+                        help="largest image (width x height, read from its header before "
+                             "decoding) that the serving graph accepts; larger ones are "
+                             "refused, so that one request cannot take the server's memory "
+                             "(default 40,000,000)")
     export.set_defaults(handler=_export)
 
     search = subcommands.add_parser(

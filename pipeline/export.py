@@ -3,8 +3,10 @@
 Writes ``saved_models/NAME/VERSION/`` (the layout TF Serving polls) with two
 signatures, built with Keras 3's ``keras.export.ExportArchive``:
 
-* ``serving_default``: ``image_bytes`` (``tf.string [None]``, JPEG/PNG/GIF/BMP
-  bytes; the ``_bytes`` suffix lets the REST API take ``{"b64": ...}``) ->
+* ``serving_default``: ``image_bytes`` (``tf.string [None]``, JPEG/PNG/GIF/BMP/WebP
+  bytes; the ``_bytes`` suffix lets the REST API take ``{"b64": ...}``; an image
+  over ``max_pixels`` by its header is refused before decoding,
+  ``pipeline.image_guard``) ->
   ``embedding`` (``float32 [None, F]``, L2-normalised backbone features) and
   ``projection`` (``float32 [None, D]``, L2-normalised projector output).
   Decoding, resizing (``pipeline.image_policy``: the largest centred square,
@@ -46,6 +48,7 @@ import tensorflow as tf
 
 from pipeline.data import channel_statistics
 from pipeline.gallery import GalleryIndex, check_gallery, gallery_description, read_gallery
+from pipeline.image_guard import DEFAULT_MAX_PIXELS, guarded_decode
 from pipeline.image_policy import square_crop_and_resize
 from pipeline.run_dir import checkpoint_info, load_trained_model
 
@@ -59,10 +62,10 @@ def _next_version(model_dir):
     return max(versions, default=0) + 1
 
 
-def _preprocess_bytes(image_bytes, size):
-    """Decodes one image and brings it to the training size with the preparation's policy."""
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    return square_crop_and_resize(image, size)
+def _preprocess_bytes(image_bytes, size, max_pixels=DEFAULT_MAX_PIXELS):
+    """Decodes one image (refusing it first if its header says it is over ``max_pixels``)
+    and brings it to the training size with the preparation's policy."""
+    return square_crop_and_resize(guarded_decode(image_bytes, max_pixels), size)
 
 
 def weights_sha256(*layers):
@@ -78,7 +81,8 @@ def weights_sha256(*layers):
     return digest.hexdigest()
 
 
-def build_export_archive(backbone, projector, manifest, gallery=None):
+def build_export_archive(backbone, projector, manifest, gallery=None,
+                         max_pixels=DEFAULT_MAX_PIXELS):
     """An ``ExportArchive`` with the ``serving_default`` and ``embed_pixels`` endpoints, and
     ``neighbors`` and ``neighbors_of_embedding`` when a ``GalleryIndex`` is given."""
     height, width, _ = manifest["image_shape"]
@@ -92,7 +96,7 @@ def build_export_archive(backbone, projector, manifest, gallery=None):
                 "projection": tf.math.l2_normalize(projection, axis=1)}
 
     def serve_bytes(image_bytes):
-        images = tf.map_fn(lambda b: _preprocess_bytes(b, height), image_bytes,
+        images = tf.map_fn(lambda b: _preprocess_bytes(b, height, max_pixels), image_bytes,
                            fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8))
         return outputs(images)
 
@@ -181,7 +185,7 @@ def write_models_config(base_dir):
 
 
 def write_export(backbone, projector, manifest, final, *, provenance=None, gallery=None,
-                 gallery_info=None):
+                 gallery_info=None, max_pixels=DEFAULT_MAX_PIXELS):
     """Writes the SavedModel for ``backbone`` + ``projector`` (and a ``GalleryIndex``) at
     ``final``, atomically."""
     parent = os.path.dirname(os.path.abspath(final))
@@ -191,8 +195,8 @@ def write_export(backbone, projector, manifest, final, *, provenance=None, galle
     if gallery is not None:
         signatures += ["neighbors", "neighbors_of_embedding"]
     try:
-        build_export_archive(backbone, projector, manifest, gallery).write_out(staging,
-                                                                               verbose=False)
+        build_export_archive(backbone, projector, manifest, gallery,
+                             max_pixels).write_out(staging, verbose=False)
         write_warmup_requests(staging, manifest)
         with open(os.path.join(staging, INFO_FILE), "w") as handle:
             json.dump({"image_shape": manifest["image_shape"],
@@ -200,6 +204,7 @@ def write_export(backbone, projector, manifest, final, *, provenance=None, galle
                        "train_statistics": manifest["train_statistics"],
                        "signatures": signatures,
                        "embedding_dim": int(backbone.feature_dim),
+                       "max_pixels": int(max_pixels),
                        "weights_sha256": weights_sha256(backbone, projector),
                        **({"gallery": gallery_info} if gallery_info else {}),
                        **(provenance or {})}, handle, indent=2)
@@ -211,7 +216,7 @@ def write_export(backbone, projector, manifest, final, *, provenance=None, galle
 
 
 def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="saved_models",
-               gallery=None, k=10, gallery_dtype="float32"):
+               gallery=None, k=10, gallery_dtype="float32", max_pixels=DEFAULT_MAX_PIXELS):
     """Exports a run's encoder to ``base_dir/name/version``; returns that path.
 
     ``gallery``: an ``ascl embed`` output folder made with an export of the same
@@ -220,6 +225,8 @@ def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="save
         raise ValueError(f"--name must be letters, digits, '.', '_' or '-', received {name!r}")
     if version is not None and version < 1:
         raise ValueError(f"--version must be >= 1, received {version}")
+    if max_pixels < 1:
+        raise ValueError(f"--max-pixels must be >= 1, received {max_pixels}")
     model, _, manifest = load_trained_model(run_dir, checkpoint)
     index = gallery_info = None
     if gallery is not None:
@@ -236,7 +243,7 @@ def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="save
         raise FileExistsError(f"{final} already exists; versions are never overwritten "
                               f"(omit --version to take the next one)")
     write_export(model.backbone, model.projector, manifest, final, gallery=index,
-                 gallery_info=gallery_info,
+                 gallery_info=gallery_info, max_pixels=max_pixels,
                  provenance={"run_dir": os.path.abspath(run_dir),
                              "checkpoint": checkpoint_info(run_dir, checkpoint)})
     write_models_config(base_dir)

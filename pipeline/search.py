@@ -46,7 +46,7 @@ def search_image(model_dir, image_path, k=8):
         out = model.signatures["neighbors"](image_bytes=tf.constant([image_bytes]))
     except tf.errors.InvalidArgumentError as error:
         raise ValueError(f"--image {image_path}: the model refused it: "
-                         f"{error.message.splitlines()[0]}") from error
+                         f"{_reason(error.message)}") from error
     names = info.get("class_names", [])
     rows = []
     for rank in range(k):
@@ -56,6 +56,17 @@ def search_image(model_dir, image_path, k=8):
                      "class_name": names[label] if 0 <= label < len(names) else "",
                      "path": out["paths"][0, rank].numpy().decode()})
     return rows, image_bytes
+
+
+def _reason(message):
+    """The graph's own words from a TensorFlow error (after "assertion failed: "), without
+    the "Graph execution error" preamble and node names."""
+    for line in message.splitlines():
+        if "assertion failed: " in line:
+            return line.split("assertion failed: ", 1)[1].strip(" []")
+    lines = [line.strip() for line in message.splitlines()
+             if line.strip() and not line.strip().startswith(("[[", "Graph execution error"))]
+    return lines[0] if lines else message
 
 
 def format_rows(rows):

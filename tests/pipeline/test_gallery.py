@@ -99,6 +99,11 @@ def test_signatures_shapes_and_the_unchanged_ones(searchable, digits16):
     for name in ("embedding", "projection"):
         np.testing.assert_array_equal(model.signatures["serving_default"](image_bytes=pngs)[name],
                                       plain.signatures["serving_default"](image_bytes=pngs)[name])
+    # neighbors decodes through the same guard as serving_default: a bomb is refused
+    from tests.pipeline.test_image_guard import _png
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="30000 x 30000 pixels"):
+        model.signatures["neighbors"](image_bytes=tf.constant([_png(30000, 30000, rows=4)]))
     # a wrong width is refused at run time, as embed_pixels refuses a wrong image shape
     with pytest.raises(tf.errors.InvalidArgumentError, match="shape \\[batch, 128\\]"):
         model.signatures["neighbors_of_embedding"](embedding=tf.zeros([2, 64]))
@@ -303,5 +308,11 @@ def test_ascl_search_prints_the_neighbours_and_draws_a_sheet(searchable, digits1
                  "--k", "11"]) == 2
     assert "--k 11 must be between 1 and the k the export was made with (10)" in \
         capsys.readouterr().err
+    bomb = tmp_path / "bomb.png"
+    from tests.pipeline.test_image_guard import _png
+
+    bomb.write_bytes(_png(30000, 30000, rows=4))
+    assert main(["search", "--model", searchable["model"], "--image", str(bomb)]) == 2
+    assert "the model refused it: image of 30000 x 30000 pixels" in capsys.readouterr().err
     assert main(["search", "--model", searchable["plain"], "--image", str(image)]) == 2
     assert "no `neighbors` signature" in capsys.readouterr().err
