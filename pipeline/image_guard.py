@@ -93,12 +93,14 @@ def guarded_decode(image_bytes, max_pixels):
         f"image format not accepted: the serving graph decodes {formats} (first bytes:",
         tf.strings.substr(image_bytes, 0, 8), ")"])
     with tf.control_dependencies([accepted]):
-        pixels = width * height
+        # each side is bounded first, so that the product cannot overflow int64
+        pixels = tf.minimum(width, max_pixels + 1) * tf.minimum(height, max_pixels + 1)
+    shown = tf.where((width < 2 ** 31) & (height < 2 ** 31), width * height, tf.int64.max)
     within = tf.debugging.Assert(
         (pixels <= max_pixels) & (width > 0) & (height > 0),
         [tf.strings.format("image of {} x {} pixels ({} pixels) refused: this export accepts "
                            "images of at most {} pixels (ascl export --max-pixels), and a "
-                           "width and height of at least 1", (width, height, pixels,
+                           "width and height of at least 1", (width, height, shown,
                                                               max_pixels))])
     with tf.control_dependencies([within]):
         image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)

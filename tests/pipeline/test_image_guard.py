@@ -222,3 +222,10 @@ def test_preparation_and_serving_accept_the_same_formats_with_the_same_pixels(na
     assert prepare_error is None and serve_error is None, (prepare_error, serve_error)
     assert prepared.shape == served.shape == (30, 40, 3)
     assert np.abs(prepared.astype(int) - served.astype(int)).max() <= tolerance
+
+
+def test_sides_whose_product_overflows_are_still_refused():
+    """4,294,967,295 x 4,294,967,295 would wrap around in int64 if multiplied as read."""
+    data = _png(0xFFFFFFFF, 0xFFFFFFFF, rows=1, row_bytes=3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="4294967295 x 4294967295 pixels"):
+        guarded_decode(tf.constant(data), 40_000_000)
