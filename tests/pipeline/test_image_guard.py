@@ -140,6 +140,8 @@ print(json.dumps({{"message": message, "seconds": seconds, "growth_mb": growth,
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"bomb refused in {1000 * out['seconds']:.1f} ms, resident memory "
+          f"+{out['growth_mb']:.1f} MB")
     assert out["message"] and "image of 20000 x 20000 pixels (400000000 pixels) refused" in \
         out["message"] and "at most 40000000 pixels" in out["message"]
     assert out["seconds"] < 0.1 and out["growth_mb"] < 100, out
