@@ -68,15 +68,20 @@ def _read_export_info(model_dir):
         return json.loads(handle.read())
 
 
-def _example_to_item(record):
+def _example_to_item(record, class_names):
+    """A prepared example as ``(key, pixels)``; its label is its class's index in the
+    export's classes (-1 when the export has no such class), as for folder inputs, so that a
+    gallery's labels always mean the export's classes."""
     from tensorflow.core.example import example_pb2
 
     feature = example_pb2.Example.FromString(record).features.feature
     pixels = decode_image(feature["image/encoded"].bytes_list.value[0])
     source = feature["source_path"].bytes_list.value if "source_path" in feature else []
+    class_name = feature["class_name"].bytes_list.value[0].decode()
     return (json.dumps({"id": feature["id"].bytes_list.value[0].decode(),
-                        "label": int(feature["label"].int64_list.value[0]),
-                        "class_name": feature["class_name"].bytes_list.value[0].decode(),
+                        "label": class_names.index(class_name) if class_name in class_names
+                        else -1,
+                        "class_name": class_name,
                         "source_path": source[0].decode() if source else ""},
                        sort_keys=True), pixels)
 
@@ -218,7 +223,7 @@ def run(argv=None):
             pixels = (pipeline
                       | "ReadShards" >> beam.io.ReadFromTFRecord(
                           FileSystems.join(args.input, f"{args.split}-*-of-*.tfrecord"))
-                      | "Parse" >> beam.Map(_example_to_item))
+                      | "Parse" >> beam.Map(_example_to_item, list(info["class_names"])))
         embeddings = (pixels
                       | "RunInference" >> RunInference(handler)
                       | "Unwrap" >> beam.MapTuple(lambda key, result: (key, result.inference)))

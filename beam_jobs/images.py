@@ -19,9 +19,20 @@ _CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", 
 # The formats the serving graph decodes (``pipeline.image_guard`` reads their headers), by
 # PIL's name for them (MPO: a camera's multi-picture JPEG, which starts as a JPEG).  Anything
 # else, TIFF for one, would train and then be refused by every export, so it is a dead letter.
-SERVED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "GIF": "GIF", "BMP": "BMP",
-                  "WEBP": "WebP"}
-SERVED_FORMAT_NAMES = ("JPEG", "PNG", "GIF", "BMP", "WebP")
+# GIF is not served: TensorFlow decodes every frame onto a canvas of the largest frame's size,
+# which no fixed header field bounds (a 16 x 16 screen may hold a 20,000 x 20,000 frame), so
+# the pixel guard could not bound its memory.
+SERVED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "BMP": "BMP", "WEBP": "WebP"}
+SERVED_FORMAT_NAMES = ("JPEG", "PNG", "BMP", "WebP")
+
+
+def served_bmp(data):
+    """Whether a BMP is of the one form TensorFlow's decoder reads right: a Windows info
+    header (40 bytes or more) with 24 or 32 bits per pixel and no compression.  The serving
+    graph's guard checks the same fields (``pipeline.image_guard``)."""
+    return (len(data) >= 34 and int.from_bytes(data[14:18], "little") >= 40
+            and int.from_bytes(data[28:30], "little") in (24, 32)
+            and int.from_bytes(data[30:34], "little") == 0)
 
 
 class InvalidImage(ValueError):
@@ -58,6 +69,10 @@ def decode_image(data):
     if image.format not in SERVED_FORMATS:
         raise InvalidImage(f"format {image.format} is not one the serving graph decodes "
                            f"({', '.join(SERVED_FORMAT_NAMES)}): convert it first")
+    if image.format == "BMP" and not served_bmp(data):
+        raise InvalidImage("BMP that is not 24- or 32-bit uncompressed (palette, 1/4/8-bit, RLE "
+                           "or OS/2 forms): the serving graph's BMP decoder reads only those, "
+                           "and palette files as grey indices; convert it first")
     if image.mode not in _CONVERTIBLE_MODES:
         raise InvalidImage(f"unsupported mode {image.mode}")
     if image.mode.startswith("I"):

@@ -12,9 +12,9 @@ export version 2 with the train split as gallery (k 100), then query
 raw bytes of a sample of test images, which must give the same neighbours).
 
 Metrics, by class label: precision@10 (the share of the 10 neighbours of the
-query's class) and mAP@100 (per query, the mean of precision@i over the ranks
-i <= 100 that hold an image of the query's class, 0 when none does; averaged
-over queries).  The raw-pixel baseline is the same exact cosine search on the
+query's class) and mAP@100 (per query, the sum of precision@i over the ranks
+i <= 100 that hold an image of the query's class, divided by min(100, images of
+that class in the gallery), i.e. by 100 here; averaged over queries).  The raw-pixel baseline is the same exact cosine search on the
 normalised pixels, in NumPy.  Results: ``OUT/cifar10_retrieval.json`` (an arm
 at a time, so a rerun skips finished arms) and a contact sheet of one query
 (``OUT/cifar10_search_sheet.png``, drawn by ``ascl search --sheet``).
@@ -33,13 +33,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cifar10_quality  # noqa: E402  (the benchmark whose encoders are searched)
 
 
-def retrieval_metrics(neighbor_labels, query_labels, precision_at=10, map_at=100):
-    """``(precision@precision_at, mAP@map_at)`` of ``neighbor_labels [Q, >= map_at]``."""
-    relevant = np.asarray(neighbor_labels)[:, :map_at] == np.asarray(query_labels)[:, None]
+def retrieval_metrics(neighbor_labels, query_labels, gallery_labels, precision_at=10,
+                      map_at=100):
+    """``(precision@precision_at, mAP@map_at)`` of ``neighbor_labels [Q, >= map_at]``.
+
+    AP@k of a query: the sum of precision@i over the ranks i <= k that hold an image of its
+    class, divided by min(k, images of its class in the gallery), so that a list with fewer
+    relevant images scores lower (dividing by the relevant images found instead, as some
+    hashing papers do, would give one hit at rank 1 a perfect 1.0)."""
+    query_labels = np.asarray(query_labels)
+    relevant = np.asarray(neighbor_labels)[:, :map_at] == query_labels[:, None]
     precision = relevant[:, :precision_at].mean()
     hits = np.cumsum(relevant, axis=1)
     precision_at_rank = hits / np.arange(1, relevant.shape[1] + 1)
-    average = (precision_at_rank * relevant).sum(axis=1) / np.maximum(relevant.sum(axis=1), 1)
+    in_gallery = np.array([np.sum(np.asarray(gallery_labels) == label) for label in
+                           query_labels])
+    average = (precision_at_rank * relevant).sum(axis=1) / np.maximum(
+        np.minimum(map_at, in_gallery), 1)
     return float(precision), float(average.mean())
 
 
@@ -88,7 +98,8 @@ def encoder_retrieval(args, arm, work):
         labels.append(out["labels"].numpy())
         ids.append(out["ids"].numpy())
     labels, ids = np.concatenate(labels), np.concatenate(ids)
-    precision, mean_ap = retrieval_metrics(labels, queries.labels)
+    gallery_labels = read_gallery(embedded["train"]).labels
+    precision, mean_ap = retrieval_metrics(labels, queries.labels, gallery_labels)
     # the bytes path (what `ascl search` and TF Serving's clients call) agrees on a sample
     from pipeline.prepared_dataset import read_split
 
@@ -120,7 +131,7 @@ def raw_pixel_retrieval(args):
     for begin in range(0, len(test), 1000):
         order, _ = brute_force_search(test[begin:begin + 1000], train, 100)
         labels.append(train_labels[order])
-    precision, mean_ap = retrieval_metrics(np.concatenate(labels), test_labels)
+    precision, mean_ap = retrieval_metrics(np.concatenate(labels), test_labels, train_labels)
     return {"arm": "raw_pixels", "precision_at_10": precision, "map_at_100": mean_ap}
 
 

@@ -146,7 +146,7 @@ def build_parser():
     export.add_argument("--max-pixels", type=int, default=40_000_000,
                         help="largest image (width x height, read from its header before "
                              "decoding) that the serving graph accepts; larger ones are "
-                             "refused, so that one request cannot take the server's memory "
+                             "refused, so that one image cannot take the server's memory "
                              "(default 40,000,000)")
     export.set_defaults(handler=_export)
 
@@ -157,8 +157,8 @@ def build_parser():
     search.add_argument("--model", required=True, help="an export with a gallery: "
                                                        "saved_models/NAME/VERSION")
     search.add_argument("--image", required=True, help="the query image file")
-    search.add_argument("--k", type=int, default=8, help="neighbours to show (default 8; at "
-                                                         "most the export's k)")
+    search.add_argument("--k", type=int, help="neighbours to show (default 8, or the export's "
+                                              "k if smaller; at most the export's k)")
     search.add_argument("--sheet", metavar="OUT.png",
                         help="also draw a contact sheet: the query beside its neighbours")
     search.set_defaults(handler=_search)

@@ -3,7 +3,7 @@
 Writes ``saved_models/NAME/VERSION/`` (the layout TF Serving polls) with two
 signatures, built with Keras 3's ``keras.export.ExportArchive``:
 
-* ``serving_default``: ``image_bytes`` (``tf.string [None]``, JPEG/PNG/GIF/BMP/WebP
+* ``serving_default``: ``image_bytes`` (``tf.string [None]``, JPEG/PNG/BMP/WebP
   bytes; the ``_bytes`` suffix lets the REST API take ``{"b64": ...}``; an image
   over ``max_pixels`` by its header is refused before decoding,
   ``pipeline.image_guard``) ->
@@ -48,7 +48,7 @@ import tensorflow as tf
 
 from pipeline.data import channel_statistics
 from pipeline.gallery import GalleryIndex, check_gallery, gallery_description, read_gallery
-from pipeline.image_guard import DEFAULT_MAX_PIXELS, guarded_decode
+from pipeline.image_guard import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, guarded_decode
 from pipeline.image_policy import square_crop_and_resize
 from pipeline.run_dir import checkpoint_info, load_trained_model
 
@@ -136,6 +136,11 @@ def _add_neighbor_endpoints(archive, gallery, serve_bytes, feature_dim):
             f"neighbors_of_embedding expects float32 embeddings of shape [batch, {feature_dim}]; "
             "received", tf.size(embedding), "values for a batch of", tf.shape(embedding)[0]])
         with tf.control_dependencies([check]):
+            norms = tf.norm(embedding, axis=1)
+        # a zero or non-finite query has no direction: refused, never answered arbitrarily
+        usable = tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(norms) & (norms > 0)), [
+            "neighbors_of_embedding: every embedding must be finite and not all zero"])
+        with tf.control_dependencies([usable]):
             return gallery.search(tf.math.l2_normalize(tf.identity(embedding), axis=1))
 
     archive.add_variable_collection("gallery", gallery.variables_to_save)
@@ -225,8 +230,9 @@ def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="save
         raise ValueError(f"--name must be letters, digits, '.', '_' or '-', received {name!r}")
     if version is not None and version < 1:
         raise ValueError(f"--version must be >= 1, received {version}")
-    if max_pixels < 1:
-        raise ValueError(f"--max-pixels must be >= 1, received {max_pixels}")
+    if not 1 <= max_pixels <= MAX_PIXELS_LIMIT:
+        raise ValueError(f"--max-pixels must be between 1 and {MAX_PIXELS_LIMIT}, received "
+                         f"{max_pixels}")
     model, _, manifest = load_trained_model(run_dir, checkpoint)
     index = gallery_info = None
     if gallery is not None:

@@ -7,12 +7,16 @@ header, in the graph and without decoding, and refuses the image with an
 ``InvalidArgumentError`` naming its size and the limit when width x height is
 over ``max_pixels`` (``ascl export --max-pixels``).  Only then is it decoded.
 
-Headers read: PNG's IHDR, JPEG's SOF (``tf.image.extract_jpeg_shape``), GIF's
-logical screen, BMP's info header (both the core and the Windows forms), and
-WebP's ``VP8 ``, ``VP8L`` and ``VP8X`` chunks.  Any other bytes are refused with
-a message naming these formats; that includes JPEG XL, which TensorFlow could
-decode but the preparation job (PIL) cannot, so that serving never accepts an
-image training could not have seen.  A header that lies about the size makes
+Headers read: PNG's IHDR, JPEG's SOF (``tf.image.extract_jpeg_shape``), BMP's
+info header (24- and 32-bit uncompressed files only, the form TensorFlow's
+decoder reads right), and WebP's ``VP8 ``, ``VP8L`` and ``VP8X`` chunks.  Any other bytes
+are refused with a message naming these formats.  That includes JPEG XL, which
+TensorFlow could decode but the preparation job (PIL) cannot, so that serving
+never accepts an image training could not have seen, and GIF: TensorFlow
+decodes a GIF onto a canvas as large as its largest frame, and frame sizes are
+in per-frame descriptors that only a walk over the whole file finds, so its
+logical-screen header does not bound the memory (a 16 x 16 screen can carry a
+20,000 x 20,000 frame).  A header that lies about the size makes
 the decoder fail on the data (an ``InvalidArgumentError``), and the decoded
 image is checked against the limit once more, so a header and a decoder that
 disagree cannot get past it either.
@@ -23,7 +27,7 @@ import tensorflow as tf
 from beam_jobs.images import SERVED_FORMAT_NAMES as SERVING_FORMATS
 
 DEFAULT_MAX_PIXELS = 40_000_000  # about 7,300 x 5,500: larger than any camera photo we serve
-_HEAD = 32  # bytes of the header that the non-JPEG formats' sizes are read from
+_HEAD = 34  # bytes of the header that the non-JPEG formats' sizes are read from
 
 
 def _head_bytes(image_bytes):
@@ -51,9 +55,11 @@ def header_size(image_bytes):
     ``bool``); ``known`` is false for a format the serving graph does not accept."""
     head = _head_bytes(image_bytes)
     is_png = _starts_with(head, 0, b"\x89PNG\r\n\x1a\n") & _starts_with(head, 12, b"IHDR")
-    is_gif = _starts_with(head, 0, b"GIF87a") | _starts_with(head, 0, b"GIF89a")
-    is_bmp = _starts_with(head, 0, b"BM")
-    bmp_core = tf.equal(_little(head, 14, 4), 12)  # BITMAPCOREHEADER: 16-bit sizes
+    # the one BMP form TensorFlow decodes right (beam_jobs.images.served_bmp): an info header,
+    # 24 or 32 bits per pixel, uncompressed; palette BMPs would come out as grey indices
+    is_bmp = (_starts_with(head, 0, b"BM") & (_little(head, 14, 4) >= 40)
+              & ((_little(head, 28, 2) == 24) | (_little(head, 28, 2) == 32))
+              & tf.equal(_little(head, 30, 4), 0))
     bmp_height = _little(head, 22, 4)
     bmp_height = tf.where(bmp_height >= 2 ** 31, 2 ** 32 - bmp_height, bmp_height)  # top-down
     is_webp = _starts_with(head, 0, b"RIFF") & _starts_with(head, 8, b"WEBP")
@@ -67,8 +73,7 @@ def header_size(image_bytes):
     cases = [  # (condition, width, height), first match wins
         (is_jpeg, jpeg[1], jpeg[0]),
         (is_png, _big(head, 16, 4), _big(head, 20, 4)),
-        (is_gif, _little(head, 6, 2), _little(head, 8, 2)),
-        (is_bmp & bmp_core, _little(head, 18, 2), _little(head, 20, 2)),
+        # TensorFlow's BMP decoder reads these two int32 fields whatever the header's form
         (is_bmp, _little(head, 18, 4), bmp_height),
         (lossy, _little(head, 26, 2) % 16384, _little(head, 28, 2) % 16384),
         (lossless, bits % 16384 + 1, (bits // 16384) % 16384 + 1),
@@ -83,6 +88,9 @@ def header_size(image_bytes):
     return width, height, known
 
 
+MAX_PIXELS_LIMIT = 2 ** 31  # keeps the bounded product of two sides inside int64
+
+
 def guarded_decode(image_bytes, max_pixels):
     """``uint8 [H, W, 3]`` pixels of one image, refusing (``InvalidArgumentError``) formats
     the serving graph does not accept and images of more than ``max_pixels`` pixels, before
@@ -95,13 +103,14 @@ def guarded_decode(image_bytes, max_pixels):
     with tf.control_dependencies([accepted]):
         # each side is bounded first, so that the product cannot overflow int64
         pixels = tf.minimum(width, max_pixels + 1) * tf.minimum(height, max_pixels + 1)
-    shown = tf.where((width < 2 ** 31) & (height < 2 ** 31), width * height, tf.int64.max)
+    shown = tf.where((width < 2 ** 31) & (height < 2 ** 31),
+                     tf.strings.as_string(width * height), "over 2^62")
     within = tf.debugging.Assert(
         (pixels <= max_pixels) & (width > 0) & (height > 0),
-        [tf.strings.format("image of {} x {} pixels ({} pixels) refused: this export accepts "
-                           "images of at most {} pixels (ascl export --max-pixels), and a "
-                           "width and height of at least 1", (width, height, shown,
-                                                              max_pixels))])
+        [tf.strings.join(["image of ", tf.strings.as_string(width), " x ",
+                          tf.strings.as_string(height), " pixels (", shown, " pixels) refused: "
+                          f"this export accepts images of at most {max_pixels} pixels (ascl "
+                          "export --max-pixels), and a width and height of at least 1"])])
     with tf.control_dependencies([within]):
         image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     decoded = tf.cast(tf.shape(image)[0], tf.int64) * tf.cast(tf.shape(image)[1], tf.int64)

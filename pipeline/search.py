@@ -32,11 +32,14 @@ def load_export(model_dir):
     return model, info
 
 
-def search_image(model_dir, image_path, k=8):
-    """The ``k`` nearest gallery images of the image file ``image_path``: a list of
-    ``{"rank", "id", "score", "label", "class_name", "path"}``, best first."""
+def search_image(model_dir, image_path, k=None):
+    """The ``k`` (default: 8, or the export's k if smaller) nearest gallery images of the
+    image file ``image_path``: a list of ``{"rank", "id", "score", "label", "class_name",
+    "path"}``, best first."""
     model, info = load_export(model_dir)
     exported_k = int(info.get("gallery", {}).get("k", 0)) or None
+    if k is None:
+        k = min(8, exported_k or 8)
     if k < 1 or (exported_k is not None and k > exported_k):
         raise ValueError(f"--k {k} must be between 1 and the k the export was made with "
                          f"({exported_k}); export again with a larger --k for more")
