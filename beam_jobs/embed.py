@@ -68,6 +68,11 @@ def _read_export_info(model_dir):
         return json.loads(handle.read())
 
 
+def _export_label(class_name, class_names):
+    """An image's label: its class's index in the export's classes, -1 when it has none."""
+    return class_names.index(class_name) if class_name in class_names else -1
+
+
 def _example_to_item(record, class_names):
     """A prepared example as ``(key, pixels)``; its label is its class's index in the
     export's classes (-1 when the export has no such class), as for folder inputs, so that a
@@ -79,8 +84,7 @@ def _example_to_item(record, class_names):
     source = feature["source_path"].bytes_list.value if "source_path" in feature else []
     class_name = feature["class_name"].bytes_list.value[0].decode()
     return (json.dumps({"id": feature["id"].bytes_list.value[0].decode(),
-                        "label": class_names.index(class_name) if class_name in class_names
-                        else -1,
+                        "label": _export_label(class_name, class_names),
                         "class_name": class_name,
                         "source_path": source[0].decode() if source else ""},
                        sort_keys=True), pixels)
@@ -101,8 +105,7 @@ class _ToPixels(beam.DoFn):
             yield beam.pvalue.TaggedOutput("dead", {"path": item["source_path"],
                                                     "reason": str(error)})
             return
-        label = (self.class_names.index(item["class_name"])
-                 if item["class_name"] in self.class_names else -1)
+        label = _export_label(item["class_name"], self.class_names)
         yield json.dumps({"id": item["id"], "label": label, "class_name": item["class_name"],
                           "source_path": item["source_path"]}, sort_keys=True), pixels
 
@@ -141,6 +144,14 @@ def _to_example(key, embedding):
     feature["source_path"].bytes_list.value.append(info.get("source_path", "").encode())
     feature["embedding"].float_list.value.extend(np.asarray(embedding, np.float32).tolist())
     return example.SerializeToString(deterministic=True)
+
+
+def _to_row(key, embedding):
+    """A Parquet row: the key's fields (parsed once) and the embedding."""
+    info = json.loads(key)
+    return {"id": info["id"], "label": info["label"], "class_name": info.get("class_name", ""),
+            "source_path": info.get("source_path", ""),
+            "embedding": np.asarray(embedding, np.float32).tolist()}
 
 
 class _WriteProjector(beam.DoFn):
@@ -239,11 +250,7 @@ def run(argv=None):
                                      ("source_path", pyarrow.string()),
                                      ("embedding", pyarrow.list_(pyarrow.float32()))])
             (embeddings
-             | "ToRow" >> beam.MapTuple(lambda key, emb: {
-                 "id": json.loads(key)["id"], "label": json.loads(key)["label"],
-                 "class_name": json.loads(key).get("class_name", ""),
-                 "source_path": json.loads(key).get("source_path", ""),
-                 "embedding": np.asarray(emb, np.float32).tolist()})
+             | "ToRow" >> beam.MapTuple(_to_row)
              | "WriteParquet" >> beam.io.WriteToParquet(f"{output}/{EMBEDDINGS_PREFIX}", schema,
                                                         file_name_suffix=".parquet"))
         if args.projector_samples:

@@ -190,9 +190,9 @@ def write_models_config(base_dir):
 
 
 def write_export(backbone, projector, manifest, final, *, provenance=None, gallery=None,
-                 gallery_info=None, max_pixels=DEFAULT_MAX_PIXELS):
+                 gallery_info=None, max_pixels=DEFAULT_MAX_PIXELS, digest=None):
     """Writes the SavedModel for ``backbone`` + ``projector`` (and a ``GalleryIndex``) at
-    ``final``, atomically."""
+    ``final``, atomically.  ``digest``: their ``weights_sha256``, when the caller has it."""
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
@@ -210,7 +210,7 @@ def write_export(backbone, projector, manifest, final, *, provenance=None, galle
                        "signatures": signatures,
                        "embedding_dim": int(backbone.feature_dim),
                        "max_pixels": int(max_pixels),
-                       "weights_sha256": weights_sha256(backbone, projector),
+                       "weights_sha256": digest or weights_sha256(backbone, projector),
                        **({"gallery": gallery_info} if gallery_info else {}),
                        **(provenance or {})}, handle, indent=2)
         os.rename(staging, final)
@@ -234,11 +234,12 @@ def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="save
         raise ValueError(f"--max-pixels must be between 1 and {MAX_PIXELS_LIMIT}, received "
                          f"{max_pixels}")
     model, _, manifest = load_trained_model(run_dir, checkpoint)
+    digest = weights_sha256(model.backbone, model.projector)
     index = gallery_info = None
     if gallery is not None:
         contents = read_gallery(gallery)
         check_gallery(contents, feature_dim=int(model.backbone.feature_dim), k=k,
-                      weights_sha256=weights_sha256(model.backbone, model.projector))
+                      weights_sha256=digest)
         index = GalleryIndex(contents, k, gallery_dtype)
         gallery_info = gallery_description(contents, gallery, k, gallery_dtype)
     model_dir = os.path.join(base_dir, name)
@@ -249,7 +250,7 @@ def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="save
         raise FileExistsError(f"{final} already exists; versions are never overwritten "
                               f"(omit --version to take the next one)")
     write_export(model.backbone, model.projector, manifest, final, gallery=index,
-                 gallery_info=gallery_info, max_pixels=max_pixels,
+                 gallery_info=gallery_info, max_pixels=max_pixels, digest=digest,
                  provenance={"run_dir": os.path.abspath(run_dir),
                              "checkpoint": checkpoint_info(run_dir, checkpoint)})
     write_models_config(base_dir)
