@@ -25,6 +25,11 @@ Parts, in priority order (issue 10):
 * ``b``: the same for 60 epochs, moco and ascl, seed 0;
 * ``c``: a stronger encoder, the CIFAR ResNet-20 of He et al. (16/32/64 channels, 0.27 M
   parameters) in place of the small CNN, 20 epochs, moco and ascl, seed 0.
+* ``d``: the BYOL diagnosis (issue 22): plain BYOL on part a's recipe (the reference's),
+  20 epochs, seed 0, then one change at a time: batch norm in the projector's hidden
+  layer, lr x4 and x2, the symmetric loss, BYOL's cosine EMA schedule (0.99 -> 1).  Its
+  plot's lower panel is the collapse monitor (``projection_spread``: ~1 spread out, 0
+  collapsed) instead of purity.
 
 Every arm shares every setting but the ones it names.  kNN top-1 (k=200, t=0.1) on the
 10,000 test images after every epoch is a curve, never used to choose anything: each run
@@ -52,6 +57,14 @@ ARMS = {
     "ascl_byol": ["ascl.framework=byol", "ascl.mode=ascl"],
     # issue 14: the same run as ascl seed 0 under mixed_bfloat16 (quality within 0.5 points?)
     "ascl_bf16": ["ascl.mode=ascl", "train.mixed_precision=mixed_bfloat16"],
+    # part d, the BYOL diagnosis: plain BYOL, the reference's recipe, one change at a time
+    "byol_reference": ["ascl.framework=byol", "ascl.mode=byol"],
+    "byol_projector_bn": ["ascl.framework=byol", "ascl.mode=byol", "model.projector_norm=batch"],
+    "byol_lr_x4": ["ascl.framework=byol", "ascl.mode=byol", "optimizer.lr=0.12"],
+    "byol_symmetric": ["ascl.framework=byol", "ascl.mode=byol", "ascl.symmetric=true"],
+    "byol_lr_x2": ["ascl.framework=byol", "ascl.mode=byol", "optimizer.lr=0.06"],
+    "byol_cosine_ema": ["ascl.framework=byol", "ascl.mode=byol",
+                        "ascl.momentum_schedule=cosine"],
 }
 PARTS = {
     "a": {"epochs": 20, "runs": [("moco", 0), ("ascl", 0), ("moco", 1), ("ascl", 1),
@@ -61,6 +74,9 @@ PARTS = {
     "b": {"epochs": 60, "runs": [("moco", 0), ("ascl", 0)]},
     "c": {"epochs": 20, "runs": [("moco", 0), ("ascl", 0)],
           "overrides": ["model.backbone=resnet20"]},
+    "d": {"epochs": 20, "runs": [("byol_reference", 0), ("byol_projector_bn", 0),
+                                 ("byol_lr_x4", 0), ("byol_symmetric", 0), ("byol_lr_x2", 0),
+                                 ("byol_cosine_ema", 0)]},
 }
 CONFIG = "configs/cifar10_small_cpu.yaml"
 
@@ -97,7 +113,7 @@ def train_one(args, part, arm, seed, result_path):
                          milestones=e.linear_milestones, batch_size=e.linear_batch_size,
                          augment=e.linear_augment, seed=seed)
     keys = ("loss", "confidence", "max_soft_label", "contrastive_accuracy", "soft_label_purity",
-            "learning_rate", "epoch_seconds")
+            "projection_spread", "learning_rate", "epoch_seconds")
     result = {"part": part, "arm": arm, "seed": seed, "config": CONFIG,
               "overrides": overrides(args, part, arm, seed),
               "seconds_this_sitting": round(seconds, 1),
@@ -157,6 +173,10 @@ def summarize(results):
                 statistics.fmean(r["history"][i]["soft_label_purity"] for r in runs)
                 for i in range(epochs)]}
                if all("soft_label_purity" in h for r in runs for h in r["history"]) else {}),
+            **({"projection_spread_per_epoch_mean": [
+                statistics.fmean(r["history"][i]["projection_spread"] for r in runs)
+                for i in range(epochs)]}
+               if all("projection_spread" in h for r in runs for h in r["history"]) else {}),
             "train_seconds": [r["train_seconds"] for r in runs],
         }
     return out
@@ -173,7 +193,8 @@ def seconds_per_run(results):
 
 
 PART_TITLES = {"a": "small CNN, 20 epochs", "b": "small CNN, 60 epochs",
-               "c": "ResNet-20, 20 epochs"}
+               "c": "ResNet-20, 20 epochs", "d": "BYOL diagnosis, small CNN, 20 epochs"}
+SPREAD_PARTS = ("d",)  # parts whose lower panel is the collapse monitor
 
 
 def plot(summary, raw_pixel, path):
@@ -208,7 +229,8 @@ def plot(summary, raw_pixel, path):
                 knn_axis.fill_between(epochs, [100 * v for v in info["per_epoch_min"]],
                                       [100 * v for v in info["per_epoch_max"]], alpha=0.2,
                                       color=colour[info["arm"]])
-            purity = info.get("soft_label_purity_per_epoch_mean")
+            purity = info.get("projection_spread_per_epoch_mean" if part in SPREAD_PARTS
+                              else "soft_label_purity_per_epoch_mean")
             if purity:
                 purity_axis.plot(range(1, len(purity) + 1), purity, label=label,
                                  color=colour[info["arm"]])
@@ -216,13 +238,20 @@ def plot(summary, raw_pixel, path):
             knn_axis.axhline(100 * raw_pixel, color="gray", linestyle="--", label="raw-pixel kNN")
         knn_axis.set_ylabel("kNN top-1 on CIFAR-10 test (%)")
         knn_axis.set_title(f"part {part}: {PART_TITLES.get(part, part)}")
-        purity_axis.axhline(0.1, color="gray", linestyle="--", label="chance (10 classes)")
-        if not purity_axis.get_lines()[:-1]:  # only the chance line
-            purity_axis.text(0.5, 0.6, "no finished arm of this part measures purity",
+        spread = part in SPREAD_PARTS
+        if spread:
+            purity_axis.axhline(1.0, color="gray", linestyle="--",
+                                label="random unit vectors (1)")
+        else:
+            purity_axis.axhline(0.1, color="gray", linestyle="--", label="chance (10 classes)")
+        if not purity_axis.get_lines()[:-1]:  # only the reference line
+            purity_axis.text(0.5, 0.6, "no finished arm of this part measures "
+                             + ("the spread" if spread else "purity"),
                              transform=purity_axis.transAxes, ha="center", fontsize=9)
         purity_axis.set_xlabel("epoch")
         purity_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        purity_axis.set_ylabel("soft-label purity (training stream)")
+        purity_axis.set_ylabel("projection spread (collapse monitor)" if spread
+                               else "soft-label purity (training stream)")
         for axis in (knn_axis, purity_axis):
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8)

@@ -90,8 +90,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--norm", default="split", help="backbone normalisation (split: the "
                                                            "reference's split BN 8)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="enable TensorFlow's op determinism first (train.deterministic)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
     names = args.settings.split(",")
     unknown = [name for name in names if name not in SETTINGS]
     if unknown:
@@ -113,7 +117,9 @@ def main():
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     results = {
         "command": "python bench/train_speed.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if v is not None and v is not False),
+        "op_determinism": args.deterministic,
         "what": "median seconds per training step inside one fit (callback), in-memory views",
         "cpu_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",
         "settings": {name: {"backbone": SETTINGS[name][0], "mode": SETTINGS[name][1],

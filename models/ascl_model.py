@@ -160,14 +160,15 @@ class ASCLModel(MomentumEncoderModel):
         return keys[start:start + local], keys
 
     def _objective(self, strong, keys, queue, training):
-        """``(per-example loss, (logits, targets, confidence))``."""
+        """``(per-example loss, (logits, targets, confidence, queries))``."""
         queries = l2_normalize(self.query_encoder(strong, training=training))
         logits = contrastive_logits(queries, keys, queue, t1=self.t1)
         targets, confidence = ascl_targets(keys, queue, t2=self.t2,
                                            num_neighbors=self.num_neighbors, mode=self.mode)
-        return soft_cross_entropy(targets, logits), (logits, targets, confidence)
+        return soft_cross_entropy(targets, logits), (logits, targets, confidence, queries)
 
-    def _update_metrics(self, per_example_loss, logits, targets, confidence):
+    def _update_metrics(self, per_example_loss, logits, targets, confidence, queries):
+        self._track_spread(tf.stop_gradient(queries))
         self.loss_tracker.update_state(per_example_loss)
         self.confidence_tracker.update_state(confidence)
         self.max_soft_label_tracker.update_state(tf.reduce_max(targets[:, 1:], axis=1))
@@ -180,21 +181,21 @@ class ASCLModel(MomentumEncoderModel):
         keys, gathered = self._keys_and_gathered(weak)
         queue = tf.identity(self.queue.value)  # the queue before this step's keys
         label_queue = tf.identity(self.label_queue.value)
-        per_example_loss, (logits, targets, confidence) = self._minimize(
+        per_example_loss, (logits, targets, confidence, queries) = self._minimize(
             lambda: self._objective(strong, keys, queue, training=True), [self.query_encoder])
         if labels is not None and self.label_purity:
             self.purity_tracker.update_state(
                 *self._purity(targets[:, 1:], labels, label_queue))
         self._enqueue(keys, labels, gathered)
-        return self._update_metrics(per_example_loss, logits, targets, confidence)
+        return self._update_metrics(per_example_loss, logits, targets, confidence, queries)
 
     def test_step(self, data):
         """The training objective on held-out pairs; updates neither queue nor keys."""
         strong, weak, _ = self._unpack(data)
         keys = tf.stop_gradient(l2_normalize(self.key_encoder(weak, training=False)))
-        per_example_loss, (logits, targets, confidence) = self._objective(
+        per_example_loss, (logits, targets, confidence, queries) = self._objective(
             strong, keys, tf.identity(self.queue.value), training=False)
-        return self._update_metrics(per_example_loss, logits, targets, confidence)
+        return self._update_metrics(per_example_loss, logits, targets, confidence, queries)
 
     def _enqueue(self, keys, labels=None, gathered=None):
         """Writes this step's keys (all replicas', in replica order; ``gathered`` when the key

@@ -11,6 +11,10 @@ The reference's ``_forward_byol``:
   by the soft labels of ``models.objective.byol_ascl_targets``; mode
   ``"byol"`` is plain BYOL.
 
+Beyond the reference, two of BYOL's own choices (Grill et al. 2020) are options:
+``symmetric`` adds the other direction (weak view predicts the strong view's
+keys), and ``momentum_schedule="cosine"`` anneals the target's momentum to 1.
+
 Under a ``tf.distribute`` strategy "the batch" is the global batch, a choice
 of this implementation (the reference runs on one GPU): every replica
 all-gathers the keys (in replica order), computes the labels over all of them
@@ -47,6 +51,12 @@ class BYOLModel(MomentumEncoderModel):
       t2: temperature of the key-to-key distribution of the soft labels.
       num_neighbors: K, the neighbours a confident key may credit.
       mode: ``"ascl"`` (soft labels) or ``"byol"`` (plain BYOL).
+      symmetric: also regress the weak view's prediction onto the target's keys of
+        the strong view, and sum the two directions (BYOL's symmetrised loss; the
+        reference computes one direction).  The soft labels come from the weak-view
+        keys in both directions.
+      momentum_schedule, momentum_steps: the target's EMA schedule (see
+        ``MomentumEncoderModel``; ``"cosine"`` is BYOL's).
       seed: kept for the config; BYOL draws nothing itself.
       weight_decay: L2 penalty on every trainable weight (online encoder and
         predictor) through the loss, as ``ASCLModel``.
@@ -66,7 +76,7 @@ class BYOLModel(MomentumEncoderModel):
     """
 
     def __init__(self, backbone, projector, predictor=None, *, momentum=0.99, t2=0.05,
-                 num_neighbors=5, mode="ascl", seed=None, weight_decay=0.0,
+                 num_neighbors=5, mode="ascl", symmetric=False, seed=None, weight_decay=0.0,
                  label_purity=False, **kwargs):
         validate_byol_args(t2, num_neighbors, mode)
         super().__init__(backbone, projector, momentum=momentum, seed=seed,
@@ -74,6 +84,7 @@ class BYOLModel(MomentumEncoderModel):
         self.t2 = float(t2)
         self.num_neighbors = num_neighbors
         self.mode = mode
+        self.symmetric = bool(symmetric)
         predictor = predictor or prediction_head(self.embedding_dim)
         shapes = (predictor.input_shape[-1], predictor.output_shape[-1])
         if shapes != (self.embedding_dim, self.embedding_dim):
@@ -85,13 +96,22 @@ class BYOLModel(MomentumEncoderModel):
         self.built = True
 
     # ------------------------------------------------------------------ training
+    def _target_keys(self, views, training):
+        """Unit target-branch keys of this replica's ``views`` and of the global batch
+        (all replicas' in replica order; the same tensor on one device)."""
+        local_keys = tf.stop_gradient(l2_normalize(self.key_encoder(views, training=training)))
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            return local_keys, context.all_gather(local_keys, axis=0)
+        return local_keys, local_keys
+
     def _batch_targets(self, weak, labels, training):
         """``(keys [N, D], labels of this replica's rows [n, N], confidence [n],
-        own-row mask [n, N], every key's class [N] or None)`` over the global batch."""
-        local_keys = tf.stop_gradient(l2_normalize(self.key_encoder(weak, training=training)))
+        own-row mask [n, N], every key's class [N] or None)`` over the global batch, from
+        the target's keys of the weak views."""
+        local_keys, keys = self._target_keys(weak, training)
         context = tf.distribute.get_replica_context()
         gather = context is not None and context.num_replicas_in_sync > 1
-        keys = context.all_gather(local_keys, axis=0) if gather else local_keys
         targets, confidence = byol_ascl_targets(keys, t2=self.t2,
                                                 num_neighbors=self.num_neighbors, mode=self.mode)
         count = tf.shape(local_keys)[0]
@@ -104,10 +124,27 @@ class BYOLModel(MomentumEncoderModel):
             batch_labels = context.all_gather(batch_labels, axis=0) if gather else batch_labels
         return (keys, tf.gather(targets, rows), tf.gather(confidence, rows), own, batch_labels)
 
-    def _predict(self, strong, training):
-        return self.predictor(self.query_encoder(strong, training=training), training=training)
+    def _objective(self, strong, weak, keys, targets, training):
+        """``(per-example loss [n], online projections of the strong views)``.
 
-    def _update_metrics(self, per_example_loss, targets, confidence, own, labels, batch_labels):
+        One direction: the online branch predicts, from the strong view, the target's keys
+        of the weak views.  With ``symmetric`` the other direction is added: from the weak
+        view, the target's keys of the strong views.  Both directions use the soft labels
+        of the weak-view keys, the relations the paper trusts (a weak view keeps an image
+        recognisable), so both regress onto the same neighbours."""
+        projections = self.query_encoder(strong, training=training)
+        loss = byol_regression_loss(self.predictor(projections, training=training), keys,
+                                    targets)
+        if self.symmetric:
+            _, strong_keys = self._target_keys(strong, training)
+            weak_predictions = self.predictor(self.query_encoder(weak, training=training),
+                                              training=training)
+            loss += byol_regression_loss(weak_predictions, strong_keys, targets)
+        return loss, projections
+
+    def _update_metrics(self, per_example_loss, targets, confidence, own, labels, batch_labels,
+                        projections):
+        self._track_spread(tf.stop_gradient(projections))
         self.loss_tracker.update_state(per_example_loss)
         self.confidence_tracker.update_state(confidence)
         neighbour_mass = targets * (1.0 - own)
@@ -121,23 +158,24 @@ class BYOLModel(MomentumEncoderModel):
         strong, weak, labels = self._unpack(data)
         keys, targets, confidence, own, batch_labels = self._batch_targets(
             weak, labels, training=True)
-        per_example_loss, _ = self._minimize(
-            lambda: (byol_regression_loss(self._predict(strong, True), keys, targets), None),
+        per_example_loss, projections = self._minimize(
+            lambda: self._objective(strong, weak, keys, targets, True),
             [self.query_encoder, self.predictor])
         return self._update_metrics(per_example_loss, targets, confidence, own, labels,
-                                    batch_labels)
+                                    batch_labels, projections)
 
     def test_step(self, data):
         """The training objective on held-out pairs, target branch in inference mode."""
         strong, weak, labels = self._unpack(data)
         keys, targets, confidence, own, batch_labels = self._batch_targets(
             weak, labels, training=False)
-        per_example_loss = byol_regression_loss(self._predict(strong, False), keys, targets)
+        per_example_loss, projections = self._objective(strong, weak, keys, targets, False)
         return self._update_metrics(per_example_loss, targets, confidence, own, labels,
-                                    batch_labels)
+                                    batch_labels, projections)
 
     # ------------------------------------------------------------- serialisation
     def get_config(self):
         return {**super().get_config(),
                 "predictor": keras.saving.serialize_keras_object(self.predictor),
-                "t2": self.t2, "num_neighbors": self.num_neighbors, "mode": self.mode}
+                "t2": self.t2, "num_neighbors": self.num_neighbors, "mode": self.mode,
+                "symmetric": self.symmetric}

@@ -7,11 +7,30 @@ elements and decay weights the same way.  ``ASCLModel`` (a memory queue) and
 ``BYOLModel`` (a predictor, in-batch neighbours) add only their objective.
 """
 
+import math
+
 import keras
 import numpy as np
 import tensorflow as tf
 
+from models.collapse import projection_spread
+
 VIEW_KEYS = ("strong_view", "weak_view")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+
+
+def ema_momentum(base, step, total_steps, schedule="constant"):
+    """The target branch's momentum at optimiser ``step``.
+
+    ``constant``: ``base`` throughout (MoCo, the reference's BYOL).  ``cosine``: BYOL's
+    schedule (Grill et al. 2020, section 3.2), ``1 - (1 - base) * (cos(pi k / K) + 1) / 2``,
+    from ``base`` at step 0 to 1 at ``total_steps``: the target moves less and less as the
+    online network settles.
+    """
+    if schedule == "constant":
+        return tf.constant(base, tf.float32)
+    progress = tf.minimum(tf.cast(step, tf.float32) / float(total_steps), 1.0)
+    return 1.0 - (1.0 - base) * (tf.cos(math.pi * progress) + 1.0) / 2.0
 
 
 def _encoder(backbone, projector, name):
@@ -50,7 +69,12 @@ class MomentumEncoderModel(keras.Model):
       backbone: functional ``keras.Model`` from images to ``[B, F]`` features
         (``model.backbone``; ``model(images)`` returns its features).
       projector: ``keras.Model`` from ``[B, F]`` to ``[B, D]`` (``model.projector``).
-      momentum: m of ``key = m * key + (1 - m) * query`` after every step.
+      momentum: m of ``key = m * key + (1 - m) * query`` after every step (the base
+        value when ``momentum_schedule`` is ``"cosine"``).
+      momentum_schedule: ``"constant"`` (the reference) or ``"cosine"`` (BYOL's: from
+        ``momentum`` to 1 over ``momentum_steps``, see ``ema_momentum``).
+      momentum_steps: the run's optimiser steps; ``"cosine"`` needs it to train (a model
+        built only to embed or evaluate may leave it None).
       seed: seeds what the subclass draws (queue, key shuffles).
       weight_decay: an L2 penalty ``wd/2 * sum ||w||^2`` on every trainable
         weight, added to the loss so that, as ``torch.optim.SGD(weight_decay=...)``
@@ -63,11 +87,20 @@ class MomentumEncoderModel(keras.Model):
     left trainable so BN uses batch statistics as in the reference).
     """
 
-    def __init__(self, backbone, projector, *, momentum=0.99, seed=None, weight_decay=0.0,
-                 label_purity=False, **kwargs):
+    def __init__(self, backbone, projector, *, momentum=0.99, momentum_schedule="constant",
+                 momentum_steps=None, seed=None, weight_decay=0.0, label_purity=False,
+                 **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"`momentum` must be in [0, 1], received momentum={momentum!r}")
+        if momentum_schedule not in MOMENTUM_SCHEDULES:
+            raise ValueError(f"`momentum_schedule` must be one of {MOMENTUM_SCHEDULES}, "
+                             f"received momentum_schedule={momentum_schedule!r}")
+        if momentum_steps is not None and not momentum_steps > 0:
+            raise ValueError(f"`momentum_steps` must be > 0, received "
+                             f"momentum_steps={momentum_steps!r}")
+        self.momentum_schedule = momentum_schedule
+        self.momentum_steps = int(momentum_steps) if momentum_steps else None
         if not weight_decay >= 0.0:
             raise ValueError(f"`weight_decay` must be >= 0, received weight_decay={weight_decay!r}")
         self.momentum = float(momentum)
@@ -100,6 +133,8 @@ class MomentumEncoderModel(keras.Model):
         self.confidence_tracker = keras.metrics.Mean(name="confidence")
         self.max_soft_label_tracker = keras.metrics.Mean(name="max_soft_label")
         self.purity_tracker = keras.metrics.Mean(name="soft_label_purity")
+        # The collapse monitor (models.collapse): ~1 spread out, 0 collapsed.
+        self.spread_tracker = keras.metrics.Mean(name="projection_spread")
 
     def _form_metrics(self):
         return []
@@ -107,7 +142,17 @@ class MomentumEncoderModel(keras.Model):
     @property
     def metrics(self):
         return [self.loss_tracker, self.confidence_tracker, self.max_soft_label_tracker,
-                *self._form_metrics(), *([self.purity_tracker] if self.label_purity else [])]
+                *self._form_metrics(), self.spread_tracker,
+                *([self.purity_tracker] if self.label_purity else [])]
+
+    def _track_spread(self, projections):
+        """Updates the collapse monitor with the *global* batch's online projections (the
+        spread of a replica's slice is not that of the batch), so N replicas log what one
+        device on the global batch logs."""
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            projections = context.all_gather(tf.cast(projections, tf.float32), axis=0)
+        self.spread_tracker.update_state(projection_spread(projections))
 
     def call(self, inputs, training=False):
         """Backbone features of ``inputs`` (the embeddings used downstream)."""
@@ -207,7 +252,12 @@ class MomentumEncoderModel(keras.Model):
         optimiser step, so each replica's local update keeps its key copy
         identical too.
         """
-        m = self.momentum
+        if self.momentum_schedule == "cosine" and not self.momentum_steps:
+            raise ValueError("`momentum_steps` must be the run's optimiser steps to train with "
+                             "momentum_schedule='cosine', received momentum_steps=None")
+        m = self.momentum if self.momentum_schedule == "constant" else ema_momentum(
+            self.momentum, self.optimizer.iterations, self.momentum_steps,
+            self.momentum_schedule)
         for key_weight, query_weight in self._momentum_pairs():
             key_weight.assign(m * key_weight.value + (1.0 - m) * query_weight.value)
 
@@ -238,6 +288,8 @@ class MomentumEncoderModel(keras.Model):
             "backbone": keras.saving.serialize_keras_object(self.backbone),
             "projector": keras.saving.serialize_keras_object(self.projector),
             "momentum": self.momentum,
+            "momentum_schedule": self.momentum_schedule,
+            "momentum_steps": self.momentum_steps,
             "seed": self.seed,
             "weight_decay": self.weight_decay,
             "label_purity": self.label_purity,

@@ -16,6 +16,7 @@ import typing
 import yaml
 
 from models.backbones import BACKBONES, STEMS
+from models.momentum_encoder import MOMENTUM_SCHEDULES
 from models.normalization import NORMALIZATIONS
 from models.objective import BYOL_MODES, MODES
 
@@ -69,6 +70,8 @@ class AsclConfig:
     t2: float = 0.05
     num_neighbors: int = 5
     shuffle_keys: bool = True         # moco only (BYOL's target has no key shuffle)
+    symmetric: bool = False           # byol only: add the weak-predicts-strong direction
+    momentum_schedule: str = "constant"  # constant | cosine (BYOL's: momentum -> 1)
 
 
 @dataclasses.dataclass
@@ -86,6 +89,9 @@ class OptimizerConfig:
 class TrainConfig:
     epochs: int = 200
     seed: int = 0
+    deterministic: bool = False       # true: also TensorFlow's op determinism (same seed and
+                                      # machine give identical weights; measured cost in
+                                      # BENCHMARKS.md); process-wide once on
     strategy: str = "auto"            # auto | default | mirrored | multi_worker
     mixed_precision: str = "none"     # none | mixed_bfloat16 | mixed_float16
     jit_compile: str = "auto"         # auto | on | off
@@ -220,6 +226,10 @@ def validate(config):
                           f"received {a.num_neighbors}")
     if not 0.0 <= a.momentum <= 1.0:
         raise ConfigError(f"ascl.momentum must be in [0, 1], received {a.momentum!r}")
+    _choice("ascl.momentum_schedule", a.momentum_schedule, MOMENTUM_SCHEDULES)
+    if a.symmetric and a.framework != "byol":
+        raise ConfigError("ascl.symmetric is a BYOL-form option (ascl.framework byol); "
+                          f"received it with ascl.framework {a.framework}")
     _positive("ascl.t1", a.t1)
     _positive("ascl.t2", a.t2)
     _at_least("optimizer.batch_size", o.batch_size, 2 if a.framework == "byol" else 1)

@@ -1,10 +1,11 @@
-"""Evaluating an encoder: weighted kNN, linear probe, raw-pixel baseline, projector.
+"""Evaluating an encoder: weighted kNN, linear probe, raw-pixel baselines, projector.
 
 kNN follows InstDisc (Wu et al., 2018), the monitor every MoCo/ASCL paper
 reports: cosine similarity of L2-normalised backbone features, the top-k
 training neighbours vote for their class with weight ``exp(sim / t)``
 (k=200, t=0.1).  The same classifier on flattened normalised pixels is the
-raw-pixel baseline, so a report shows what self-supervision bought.
+raw-pixel baseline, so a report shows what self-supervision bought; likewise the
+linear probe's baseline is the same linear classifier trained on the pixels.
 """
 
 import json
@@ -37,6 +38,13 @@ def flatten_pixels(images, training=False):
     """The raw-pixel "encoder": normalised pixels as one vector per image."""
     del training  # same call signature as a Keras model
     return tf.reshape(images, [tf.shape(images)[0], -1])
+
+
+def pixel_encoder(image_shape):
+    """The raw-pixel "encoder" as a Keras model (flattened normalised pixels), so the
+    linear probe can train the same classifier on pixels: the fair baseline for a probe."""
+    return keras.Sequential([keras.Input(image_shape), keras.layers.Flatten()],
+                            name="raw_pixels")
 
 
 def knn_scores(train_features, train_labels, features, *, k=200, temperature=0.1, num_classes,
@@ -207,10 +215,12 @@ def evaluate_run(run_dir, *, checkpoint="last", output=None, linear=True, verbos
                           "k": e.knn_k, "temperature": e.knn_temperature},
     }
     if linear:
-        report["linear_probe"] = linear_probe(
-            model.backbone, manifest, **splits, epochs=e.linear_epochs, lr=e.linear_lr,
-            milestones=e.linear_milestones, batch_size=e.linear_batch_size,
-            augment=e.linear_augment, seed=config.train.seed, verbose=verbose)
+        probe = dict(epochs=e.linear_epochs, lr=e.linear_lr, milestones=e.linear_milestones,
+                     batch_size=e.linear_batch_size, augment=e.linear_augment,
+                     seed=config.train.seed, verbose=verbose)
+        report["linear_probe"] = linear_probe(model.backbone, manifest, **splits, **probe)
+        report["raw_pixel_linear_probe"] = linear_probe(
+            pixel_encoder(model.backbone.input_shape[1:]), manifest, **splits, **probe)
     if e.projector_samples:
         report["projector"] = {
             "log_dir": os.path.join(run_dir, "tensorboard", "projector"),

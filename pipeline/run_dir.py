@@ -22,10 +22,16 @@ from pipeline.prepared_dataset import load_manifest
 BEST_INFO = "best.json"
 
 
-def build_model(config, manifest):
+def build_model(config, manifest, steps_per_epoch=None):
     """The model a config describes (``ASCLModel`` for ``ascl.framework`` moco, ``BYOLModel``
-    for byol), for the dataset's image shape, in the current strategy scope."""
+    for byol), for the dataset's image shape, in the current strategy scope.
+
+    ``steps_per_epoch`` sets the run's length for a momentum schedule; a model built to
+    evaluate or export needs none."""
     m, a = config.model, config.ascl
+    schedule = dict(momentum_schedule=a.momentum_schedule,
+                    momentum_steps=config.train.epochs * steps_per_epoch
+                    if steps_per_epoch else None)
     backbone = build_backbone(m.backbone, input_shape=tuple(manifest["image_shape"]), stem=m.stem,
                               norm=m.norm, bn_splits=m.bn_splits, widths=m.cnn_widths)
     projector = projection_head(backbone.feature_dim, hidden_dims=tuple(m.projector_hidden),
@@ -35,12 +41,13 @@ def build_model(config, manifest):
         predictor = prediction_head(m.projector_dim, hidden_dims=tuple(m.predictor_hidden),
                                     norm=m.predictor_norm, bn_splits=m.bn_splits)
         return BYOLModel(backbone, projector, predictor, momentum=a.momentum, t2=a.t2,
-                         num_neighbors=a.num_neighbors, mode=a.mode, seed=config.train.seed,
+                         num_neighbors=a.num_neighbors, mode=a.mode, symmetric=a.symmetric,
+                         seed=config.train.seed, **schedule,
                          weight_decay=config.optimizer.weight_decay,
                          label_purity=a.mode == "ascl")  # plain BYOL has no neighbour mass
     return ASCLModel(backbone, projector, memory_size=a.memory_size, momentum=a.momentum,
                      t1=a.t1, t2=a.t2, num_neighbors=a.num_neighbors, mode=a.mode,
-                     shuffle_keys=a.shuffle_keys, seed=config.train.seed,
+                     shuffle_keys=a.shuffle_keys, seed=config.train.seed, **schedule,
                      weight_decay=config.optimizer.weight_decay,
                      label_purity=a.mode != "moco")  # moco targets put no mass on the queue
 

@@ -231,6 +231,10 @@ def _train(config, run_dir, write_dir, chief, strategy, manifest, steps_per_epoc
            train_selection, validation, changes, extra_callbacks, allow_config_change):
     t = config.train
     keras.utils.set_random_seed(t.seed)
+    if t.deterministic:
+        # Seeds alone fix what is drawn; this also fixes how kernels reduce (and refuses
+        # ops with no deterministic kernel). TensorFlow has no public way to turn it off.
+        tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(
         "float32" if t.mixed_precision == "none" else t.mixed_precision)
 
@@ -262,7 +266,7 @@ def _train(config, run_dir, write_dir, chief, strategy, manifest, steps_per_epoc
     else:
         dataset = dataset_fn()
     with strategy.scope():
-        model = build_model(config, manifest)
+        model = build_model(config, manifest, steps_per_epoch)
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate(config, steps_per_epoch),
                                            momentum=config.optimizer.momentum),

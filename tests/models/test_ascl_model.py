@@ -128,7 +128,8 @@ def test_fit_accepts_the_documented_element_structures():
     histories = {name: _model().fit(tf.data.Dataset.from_tensor_slices(data).batch(4),
                                     verbose=0).history for name, data in structures.items()}
     for history in histories.values():
-        assert set(history) == {"loss", "confidence", "max_soft_label", "contrastive_accuracy"}
+        assert set(history) == {"loss", "confidence", "max_soft_label", "contrastive_accuracy",
+                                "projection_spread"}
         # the same views in any structure: the same training, metric for metric
         for key, values in history.items():
             assert values == pytest.approx(histories["pair"][key], rel=1e-6, abs=1e-7), key
@@ -323,7 +324,7 @@ def test_objective_is_float32_under_mixed_bfloat16():
     strong, weak = _views(8)
     keys, _ = model._keys_and_gathered(tf.constant(weak))
     assert model.query_encoder(strong).dtype == tf.bfloat16  # the policy is in force
-    loss, (logits, targets, confidence) = model._objective(
+    loss, (logits, targets, confidence, _) = model._objective(
         tf.constant(strong), keys, tf.identity(model.queue.value), training=True)
     assert {t.dtype for t in (keys, loss, logits, targets, confidence)} == {tf.float32}
     np.testing.assert_allclose(targets.numpy().sum(axis=1), 1.0, atol=1e-6)

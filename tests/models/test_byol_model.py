@@ -1,5 +1,7 @@
 """BYOLModel: the BYOL form's step, EMA target, saving, and exactness across replicas."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -186,3 +188,102 @@ def test_a_step_on_two_replicas_equals_one_device_on_the_global_batch(two_replic
         np.testing.assert_array_equal(copies[0], copies[1], err_msg=b.path)
     if mode == "ascl":
         assert one["max_soft_label"][0] > 0.05  # the cross-replica neighbour was credited
+
+
+def _reference_fixture_model(mode, **kwargs):
+    """The model of tests/models/data/make_byol_reference.py."""
+    keras.utils.set_random_seed(0)
+    backbone = build_backbone("small_cnn", input_shape=(8, 8, 3), norm="batch",
+                              widths=(8, 16, 16))
+    projector = projection_head(backbone.feature_dim, hidden_dims=(32,), output_dim=16)
+    predictor = prediction_head(16, hidden_dims=(24,))
+    model = BYOLModel(backbone, projector, predictor, seed=0, num_neighbors=3, mode=mode,
+                      weight_decay=5e-4, **kwargs)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    return model
+
+
+@pytest.mark.parametrize("mode", ["ascl", "byol"])
+def test_the_reference_recipe_is_the_step_recorded_before_the_options_existed(mode):
+    """symmetric=False with a constant momentum gives, after two steps, the weights the
+    code gave before those options were added (recorded in the fixture)."""
+    recorded = np.load(os.path.join(os.path.dirname(__file__), "data",
+                                    "byol_reference_two_steps.npz"))
+    model = _reference_fixture_model(mode, symmetric=False, momentum_schedule="constant")
+    views = {"strong_view": recorded["strong"], "weak_view": recorded["weak"]}
+    for _ in range(2):
+        model.train_on_batch(views)
+    weights = model.get_weights()
+    assert len(weights) == len([k for k in recorded.files if k.startswith(f"{mode}/")])
+    for index, weight in enumerate(weights):
+        np.testing.assert_allclose(weight, recorded[f"{mode}/{index}"], atol=1e-6, rtol=0)
+
+
+def _numpy_soft_labels(keys, t2, num_neighbors):
+    keys = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    n = len(keys)
+    logits = keys @ keys.T / t2
+    np.fill_diagonal(logits, -np.inf)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=1)
+    confidence = 1 - entropy / np.log(n - 1)
+    labels = np.eye(n) + np.minimum(1, num_neighbors * confidence[:, None] * p)
+    return labels / labels.sum(axis=1, keepdims=True)
+
+
+def _numpy_regression(predictions, keys, labels):
+    predictions = predictions / np.linalg.norm(predictions, axis=1, keepdims=True)
+    keys = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    return 2 - 2 * np.sum(labels * (predictions @ keys.T), axis=1)
+
+
+@pytest.mark.parametrize("mode", ["ascl", "byol"])
+def test_the_symmetric_loss_is_the_sum_of_its_two_directions(mode):
+    """Strong predicts the weak view's keys, weak predicts the strong view's keys, both
+    weighted by the soft labels of the weak-view keys; summed per example."""
+    model = _model(mode=mode, symmetric=True)
+    strong, weak = _views(6)
+    strong[1] = strong[0] + 0.01
+    weak[1] = weak[0] + 0.01  # a clear neighbour, so the soft labels are not the identity
+    twin = _model(mode=mode, symmetric=True, compile=False)
+    twin.set_weights(model.get_weights())
+
+    def predict(views):
+        return twin.predictor(twin.query_encoder(views, training=True), training=True).numpy()
+
+    weak_keys = twin.key_encoder(weak, training=True).numpy()
+    strong_keys = twin.key_encoder(strong, training=True).numpy()
+    labels = (_numpy_soft_labels(weak_keys, 0.05, 3) if mode == "ascl" else np.eye(6))
+    if mode == "ascl":
+        assert labels[0, 1] > 0.05
+    forward = _numpy_regression(predict(strong), weak_keys, labels)
+    backward = _numpy_regression(predict(weak), strong_keys, labels)
+
+    history = model.fit(tf.data.Dataset.from_tensors((strong, weak)), verbose=0).history
+    assert history["loss"][0] == pytest.approx(np.mean(forward + backward), abs=1e-5)
+    one_way = _model(mode=mode, symmetric=False)
+    one_way.set_weights(twin.get_weights())
+    history = one_way.fit(tf.data.Dataset.from_tensors((strong, weak)), verbose=0).history
+    assert history["loss"][0] == pytest.approx(np.mean(forward), abs=1e-5)
+
+
+def test_the_cosine_momentum_schedule_anneals_the_target_to_one():
+    from models.momentum_encoder import ema_momentum
+
+    values = [float(ema_momentum(0.99, step, 100, "cosine")) for step in (0, 50, 100, 150)]
+    assert values == pytest.approx([0.99, 0.995, 1.0, 1.0], abs=1e-7)
+    assert float(ema_momentum(0.99, 70, 100, "constant")) == pytest.approx(0.99)
+
+    model = _model(momentum=0.9, momentum_schedule="cosine", momentum_steps=2)
+    strong, weak = _views(6)
+    data = tf.data.Dataset.from_tensors((strong, weak))
+    model.fit(data, verbose=0)  # step 1 of 2: m = 1 - 0.1 * (cos(pi / 2) + 1) / 2 = 0.95
+    before = [w.numpy() for w in model.key_encoder.weights]
+    model.fit(data, verbose=0)  # step 2 of 2: m = 1, the target no longer moves
+    for weight, old in zip(model.key_encoder.weights, before):
+        np.testing.assert_array_equal(weight.numpy(), old)
+    with pytest.raises(ValueError, match="momentum_steps"):
+        _model(momentum_schedule="cosine").fit(data, verbose=0)
+    with pytest.raises(ValueError, match="momentum_schedule="):
+        _model(momentum_schedule="linear")

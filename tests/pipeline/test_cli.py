@@ -111,7 +111,7 @@ def test_byol_framework_through_demo_train_evaluate_and_export(tmp_path, capsys,
     history = json.load(open(os.path.join(run_dir, "history.json")))
     assert [record["epoch"] for record in history] == [1, 2]
     assert {"loss", "confidence", "max_soft_label", "soft_label_purity",
-            "val_knn_top1"} <= set(history[-1])
+            "val_knn_top1", "projection_spread"} <= set(history[-1])
     assert main(["evaluate", "--run-dir", run_dir, "--no-linear"]) == 0
     report = json.load(open(os.path.join(run_dir, "evaluation.json")))
     assert report["checkpoint"]["epoch"] == 2 and 0.1 < report["knn"]["top1"] <= 1.0

@@ -61,6 +61,11 @@ def test_overrides_are_parsed_as_yaml():
     ("ascl.momentum=1.5", r"ascl.momentum must be in \[0, 1\]"),
     ("train.epochs=0", r"train.epochs must be >= 1"),
     ("data.cache=yes please", r"data.cache must be true or false"),
+    ("train.deterministic=sometimes", r"train.deterministic must be true or false"),
+    ("ascl.momentum_schedule=linear", r"ascl.momentum_schedule must be one of \['constant', "
+                                      r"'cosine'\], received 'linear'"),
+    ("ascl.symmetric=true", r"ascl.symmetric is a BYOL-form option"),
+    ("ascl.symmetric=both", r"ascl.symmetric must be true or false"),
     ("model.projector_hidden=512", r"model.projector_hidden must be a list"),
     ("optimizer", r"--set expects section.key=value"),
     ("data.validation_size=-1", r"data.validation_size must be >= 0"),

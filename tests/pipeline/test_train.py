@@ -38,7 +38,7 @@ def test_run_directory_holds_config_checkpoints_logs_and_history(trained_run):
     assert [r["epoch"] for r in history] == [1, 2]
     for key in ("loss", "confidence", "max_soft_label", "contrastive_accuracy", "learning_rate",
                 "val_knn_top1", "test_knn_top1", "epoch_seconds", "images_per_second",
-                "soft_label_purity"):
+                "soft_label_purity", "projection_spread"):
         assert all(np.isfinite(r[key]) for r in history), key
     assert history[1]["learning_rate"] < history[0]["learning_rate"]  # cosine decay
     events = [f for _, _, files in os.walk(os.path.join(run_dir, "tensorboard")) for f in files
@@ -406,3 +406,37 @@ def test_a_kill_before_the_history_is_written_leaves_no_gap(digits16, tmp_path, 
     train(config, run_dir)
     history = json.load(open(os.path.join(run_dir, "history.json")))
     assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
+_TWO_DETERMINISTIC_RUNS = """
+import sys
+import numpy as np
+from pipeline.train import train
+from pipeline.run_dir import load_trained_model
+from tests import small_runs
+import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
+
+manifest = {"directory": sys.argv[1]}
+weights = []
+for name in ("first", "second"):
+    train(small_runs.small_config(manifest, "train.epochs=2", "train.deterministic=true",
+                                  "train.knn_every=0"), f"{sys.argv[2]}/{name}")
+    model, _, _ = load_trained_model(f"{sys.argv[2]}/{name}", "last")
+    weights.append([np.asarray(w) for w in model.get_weights()])
+assert tf_config.is_op_determinism_enabled(), "train.deterministic did not enable it"
+assert len(weights[0]) == len(weights[1]) and weights[0]
+different = [i for i, (a, b) in enumerate(zip(*weights)) if not np.array_equal(a, b)]
+print("DIFFERENT", different)
+"""
+
+
+def test_deterministic_runs_give_identical_weights(digits16, tmp_path):
+    """Two runs with train.deterministic on, in one fresh process (op determinism is
+    process-wide, so not in the test process), end with bit-identical weights."""
+    result = subprocess.run(
+        [sys.executable, "-c", _TWO_DETERMINISTIC_RUNS, digits16["directory"], str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DIFFERENT []" in result.stdout, result.stdout[-2000:]
