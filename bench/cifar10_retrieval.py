@@ -153,7 +153,8 @@ def main():
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     path = os.path.join(args.out, "cifar10_retrieval.json")
-    report = {"command": "python bench/cifar10_retrieval.py " + " ".join(sys.argv[1:]),
+    report = {"command": "python bench/cifar10_retrieval.py [--arms ...] (each arm records "
+                         "the command that measured it)",
               "queries": "test split (10,000)", "gallery": "train split (50,000)",
               "metrics": "precision@10 and mAP@100 by class label", "results": {}}
     if os.path.exists(path):
@@ -171,7 +172,9 @@ def main():
     for arm in args.arms.split(","):
         if arm in report["results"]:
             continue
-        report["results"][arm] = encoder_retrieval(args, arm, args.work)
+        report["results"][arm] = {
+            **encoder_retrieval(args, arm, args.work),
+            "command": "python bench/cifar10_retrieval.py " + " ".join(sys.argv[1:])}
         print(json.dumps(report["results"][arm]), flush=True)
         save()
         if arm == "moco" or not os.path.exists(os.path.join(args.out,
