@@ -440,3 +440,25 @@ def test_deterministic_runs_give_identical_weights(digits16, tmp_path):
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DIFFERENT []" in result.stdout, result.stdout[-2000:]
+
+
+def test_byol_options_train_and_the_cosine_schedule_ends_at_one(digits16, tmp_path):
+    """ascl.symmetric and ascl.momentum_schedule=cosine reach the model from the config; the
+    schedule spans the run (epochs x steps), so the target has stopped moving at the end."""
+    from models.momentum_encoder import ema_momentum
+
+    class Capture(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            self.trained = self.model
+
+    capture = Capture()
+    summary = train(_config(digits16, "ascl.framework=byol", "ascl.mode=ascl",
+                            "ascl.symmetric=true", "ascl.momentum_schedule=cosine",
+                            "train.epochs=2", "train.knn_every=0", "train.view_images=0"),
+                    str(tmp_path / "run"), extra_callbacks=[capture])
+    model = capture.trained
+    assert np.isfinite(summary["final"]["loss"]) and summary["final"]["projection_spread"] > 0
+    assert model.symmetric and model.momentum_schedule == "cosine"
+    steps = int(model.optimizer.iterations.numpy())
+    assert steps > 2 and model.momentum_steps == steps
+    assert float(ema_momentum(model.momentum, steps, model.momentum_steps, "cosine")) == 1.0
