@@ -63,10 +63,11 @@ def _export(args):
 
     path = export_run(args.run_dir, name=args.name, checkpoint=args.checkpoint,
                       version=args.version, base_dir=args.base_dir, gallery=args.gallery,
-                      k=args.k, gallery_dtype=args.gallery_dtype, max_pixels=args.max_pixels)
+                      k=args.k, gallery_dtype=args.gallery_dtype, max_pixels=args.max_pixels,
+                      precision=args.precision)
     signatures = "serving_default, embed_pixels" + (
         f", neighbors and neighbors_of_embedding (top {args.k})" if args.gallery else "")
-    print(f"exported {path} (signatures: {signatures})")
+    print(f"exported {path} ({args.precision}; signatures: {signatures})")
     return 0
 
 
@@ -143,6 +144,10 @@ def build_parser():
     export.add_argument("--gallery-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="how the gallery is stored and searched (bfloat16: half the "
                              "memory; see BENCHMARKS.md for its recall)")
+    export.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                        help="compute of the backbone and projector in the serving graph "
+                             "(bfloat16: faster only on CPUs with AVX512_BF16 or AMX, and "
+                             "GPUs; outputs stay float32 and unit-norm; see BENCHMARKS.md)")
     export.add_argument("--max-pixels", type=int, default=40_000_000,
                         help="largest image (width x height, read from its header before "
                              "decoding) that the serving graph accepts; larger ones are "

@@ -1,7 +1,8 @@
 """``ascl export``: a trained run's encoder as a SavedModel that TF Serving loads as it is.
 
 Writes ``saved_models/NAME/VERSION/`` (the layout TF Serving polls) with two
-signatures, built with Keras 3's ``keras.export.ExportArchive``:
+signatures, built with Keras 3's ``keras.export.ExportArchive``, computing in
+float32 or, with ``--precision bfloat16``, in bfloat16 (outputs float32 either way):
 
 * ``serving_default``: ``image_bytes`` (``tf.string [None]``, JPEG/PNG/BMP/WebP
   bytes; the ``_bytes`` suffix lets the REST API take ``{"b64": ...}``; an image
@@ -52,6 +53,7 @@ from pipeline.image_guard import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, guarded_d
 from pipeline.image_policy import square_crop_and_resize
 from pipeline.run_dir import checkpoint_info, load_trained_model
 
+EXPORT_PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}  # -> Keras policy
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 INFO_FILE = os.path.join("assets.extra", "ascl_export.json")
 
@@ -189,10 +191,33 @@ def write_models_config(base_dir):
     return path
 
 
+def load_for_export(run_dir, checkpoint="last", precision="float32"):
+    """``(model, config, manifest)`` of a run, its layers built to compute in ``precision``.
+
+    ``bfloat16`` builds them under Keras's ``mixed_bfloat16`` policy: the variables stay
+    float32 (so ``weights_sha256``, and a gallery embedded by the float32 export, are the
+    same) and every layer computes in bfloat16.  The caller's global policy is restored."""
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"--precision must be one of {list(EXPORT_PRECISIONS)}, received "
+                         f"{precision!r}")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(EXPORT_PRECISIONS[precision])
+    try:
+        return load_trained_model(run_dir, checkpoint)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def compute_precision(layer):
+    """``float32`` or ``bfloat16``: what ``layer`` computes in (its dtype policy)."""
+    return "bfloat16" if layer.dtype_policy.compute_dtype == "bfloat16" else "float32"
+
+
 def write_export(backbone, projector, manifest, final, *, provenance=None, gallery=None,
                  gallery_info=None, max_pixels=DEFAULT_MAX_PIXELS, digest=None):
     """Writes the SavedModel for ``backbone`` + ``projector`` (and a ``GalleryIndex``) at
-    ``final``, atomically.  ``digest``: their ``weights_sha256``, when the caller has it."""
+    ``final``, atomically.  ``digest``: their ``weights_sha256``, when the caller has it.
+    The precision recorded is the backbone's compute dtype (``load_for_export``)."""
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
@@ -209,6 +234,7 @@ def write_export(backbone, projector, manifest, final, *, provenance=None, galle
                        "train_statistics": manifest["train_statistics"],
                        "signatures": signatures,
                        "embedding_dim": int(backbone.feature_dim),
+                       "precision": compute_precision(backbone),
                        "max_pixels": int(max_pixels),
                        "weights_sha256": digest or weights_sha256(backbone, projector),
                        **({"gallery": gallery_info} if gallery_info else {}),
@@ -221,11 +247,14 @@ def write_export(backbone, projector, manifest, final, *, provenance=None, galle
 
 
 def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="saved_models",
-               gallery=None, k=10, gallery_dtype="float32", max_pixels=DEFAULT_MAX_PIXELS):
+               gallery=None, k=10, gallery_dtype="float32", max_pixels=DEFAULT_MAX_PIXELS,
+               precision="float32"):
     """Exports a run's encoder to ``base_dir/name/version``; returns that path.
 
     ``gallery``: an ``ascl embed`` output folder made with an export of the same
-    weights; the export then also answers ``neighbors`` (top ``k``)."""
+    weights (of either precision); the export then also answers ``neighbors`` (top ``k``).
+    ``precision``: ``float32`` or ``bfloat16``, what the backbone and projector compute in
+    (``load_for_export``); outputs are float32 and unit-norm either way."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
         raise ValueError(f"--name must be letters, digits, '.', '_' or '-', received {name!r}")
     if version is not None and version < 1:
@@ -233,7 +262,7 @@ def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="save
     if not 1 <= max_pixels <= MAX_PIXELS_LIMIT:
         raise ValueError(f"--max-pixels must be between 1 and {MAX_PIXELS_LIMIT}, received "
                          f"{max_pixels}")
-    model, _, manifest = load_trained_model(run_dir, checkpoint)
+    model, _, manifest = load_for_export(run_dir, checkpoint, precision)
     digest = weights_sha256(model.backbone, model.projector)
     index = gallery_info = None
     if gallery is not None:

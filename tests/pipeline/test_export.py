@@ -178,3 +178,36 @@ def test_version_zero_is_rejected_not_taken_as_next(exported, tmp_path):
     with pytest.raises(ValueError, match="--version must be >= 1, received 0"):
         export_run(run_dir, name="digits", version=0, base_dir=str(tmp_path))
     assert not (tmp_path / "digits").exists() or not os.listdir(tmp_path / "digits")
+
+
+def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings(
+        exported, digits16, tmp_path):
+    """The same run exported with --precision bfloat16: outputs float32 and unit-norm,
+    cosine >= 0.999 with the float32 export's on the real (digit) test images, the same
+    weights digest (so a float32-embedded gallery is accepted), and precision recorded."""
+    run_dir, _, float32_path = exported
+    path = export_run(run_dir, name="digits_bf16", base_dir=str(tmp_path), precision="bfloat16")
+    info = json.load(open(os.path.join(path, "assets.extra", "ascl_export.json")))
+    float32_info = json.load(open(os.path.join(float32_path, "assets.extra",
+                                               "ascl_export.json")))
+    assert info["precision"] == "bfloat16" and float32_info["precision"] == "float32"
+    assert info["weights_sha256"] == float32_info["weights_sha256"]
+    _, pngs = _png_batch(digits16, count=64)
+    request = tf.constant(pngs)
+    reference = tf.saved_model.load(float32_path).signatures["serving_default"](
+        image_bytes=request)
+    model = tf.saved_model.load(path)
+    outputs = model.signatures["serving_default"](image_bytes=request)
+    for name in ("embedding", "projection"):
+        assert outputs[name].dtype == tf.float32
+        values = outputs[name].numpy()
+        np.testing.assert_allclose(np.linalg.norm(values, axis=1), 1.0, atol=1e-5)
+        cosine = np.sum(values * reference[name].numpy(), axis=1)
+        assert cosine.min() >= 0.999, (name, cosine.min())
+    graph = model.signatures["serving_default"].graph.as_graph_def()
+    nodes = [node for function in graph.library.function for node in function.node_def]
+    convolutions = [node for node in nodes if node.op == "Conv2D"]
+    assert convolutions and all(node.attr["T"].type == tf.bfloat16.as_datatype_enum
+                                for node in convolutions)
+    with pytest.raises(ValueError, match="--precision must be one of"):
+        export_run(run_dir, name="digits_x", base_dir=str(tmp_path), precision="float16")

@@ -193,6 +193,23 @@ def test_bfloat16_storage_keeps_the_neighbours(searchable, digits16):
     assert GalleryIndex(gallery, 10, "bfloat16").embeddings.dtype == tf.bfloat16
 
 
+def test_a_bfloat16_export_searches_the_float32_gallery(searchable, digits16):
+    """--precision bfloat16 with a gallery embedded by the float32 version 1: accepted (same
+    weights), and its `neighbors` mostly agree with the float32 export's; the scores are the
+    cosines of its own (bfloat16-computed) query embeddings."""
+    path = export_run(searchable["run_dir"], name="digits_search_bf16",
+                      base_dir=searchable["base"], gallery=searchable["gallery"], k=10,
+                      precision="bfloat16")
+    request = tf.constant(_test_pngs(digits16, 32))
+    bf16 = tf.saved_model.load(path).signatures["neighbors"](image_bytes=request)
+    f32 = tf.saved_model.load(searchable["model"]).signatures["neighbors"](image_bytes=request)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in
+                       zip(bf16["ids"].numpy(), f32["ids"].numpy())])
+    assert overlap >= 0.8
+    assert bf16["scores"].dtype == tf.float32
+    assert np.all(np.diff(bf16["scores"].numpy(), axis=1) <= 1e-6)  # descending
+
+
 # --- export-time errors ------------------------------------------------------------------
 
 def _write_embed_folder(folder, ids, embeddings, weights_sha256, labels=None):
