@@ -89,6 +89,7 @@ def overrides(args, part, arm, seed):
     return [f"data.dataset={args.data}", f"train.epochs={PARTS[part]['epochs']}",
             f"train.seed={seed}", "data.validation_size=0", "train.knn_every=1",
             "train.checkpoint_every=1000", "train.verbose=2",
+            "train.mixed_precision=none",  # every recorded run is float32 (auto may pick bf16)
             *PARTS[part].get("overrides", []), *ARMS[arm]]
 
 

@@ -46,6 +46,7 @@ CASES = {
     "small_cnn_f32_noblur": ("configs/cifar10_small_cpu.yaml", ["data.blur=false"]),
 }
 COMMON = ["train.epochs=2", "train.knn_every=0", "train.view_images=0", "train.verbose=0",
+          "train.mixed_precision=none",  # each case names its precision; auto would choose
           "train.checkpoint_every=1000"]
 
 

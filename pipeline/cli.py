@@ -108,7 +108,10 @@ def build_parser():
                        help="override a config value, e.g. --set optimizer.lr=0.03 (repeatable)")
     train.add_argument("--strategy", choices=["auto", "default", "mirrored", "multi_worker"],
                        help="distribution strategy (default: the config's train.strategy)")
-    train.add_argument("--mixed-precision", choices=["none", "mixed_bfloat16", "mixed_float16"])
+    train.add_argument("--mixed-precision",
+                       choices=["auto", "none", "mixed_bfloat16", "mixed_float16"],
+                       help="auto (the default): mixed_bfloat16 on CPUs with AVX512_BF16 or AMX "
+                            "and GPUs of compute capability >= 8.0, float32 elsewhere")
     train.add_argument("--jit-compile", choices=["auto", "on", "off"], help="XLA")
     train.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
     train.add_argument("--allow-config-change", action="store_true",

@@ -93,7 +93,8 @@ class TrainConfig:
                                       # machine give identical weights; measured cost in
                                       # BENCHMARKS.md); process-wide once on
     strategy: str = "auto"            # auto | default | mirrored | multi_worker
-    mixed_precision: str = "none"     # none | mixed_bfloat16 | mixed_float16
+    mixed_precision: str = "auto"     # auto | none | mixed_bfloat16 | mixed_float16; auto:
+                                      # bfloat16 where the hardware has it (pipeline.precision)
     jit_compile: str = "auto"         # auto | on | off
     steps_per_execution: int = 1
     checkpoint_every: int = 10        # epochs between checkpoints
@@ -242,7 +243,8 @@ def validate(config):
     _at_least("optimizer.warmup_epochs", o.warmup_epochs, 0.0)
     _at_least("train.epochs", t.epochs, 1)
     _choice("train.strategy", t.strategy, ("auto", "default", "mirrored", "multi_worker"))
-    _choice("train.mixed_precision", t.mixed_precision, ("none", "mixed_bfloat16", "mixed_float16"))
+    _choice("train.mixed_precision", t.mixed_precision,
+            ("auto", "none", "mixed_bfloat16", "mixed_float16"))
     _choice("train.jit_compile", t.jit_compile, ("auto", "on", "off"))
     _at_least("train.steps_per_execution", t.steps_per_execution, 1)
     _at_least("train.checkpoint_every", t.checkpoint_every, 1)

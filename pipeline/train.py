@@ -15,6 +15,7 @@ Nothing is created before the configuration and the dataset have been checked.
 """
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -27,6 +28,7 @@ import tensorflow as tf
 from pipeline import callbacks as run_callbacks
 from pipeline import data, splits
 from pipeline.config import ConfigError, dump_config
+from pipeline.precision import resolve_mixed_precision
 from pipeline.prepared_dataset import load_manifest
 from pipeline.run_dir import build_model, load_run_config
 
@@ -130,6 +132,20 @@ def _flatten(config_dict):
 _PRESENTATION_KEYS = {"train.verbose"}
 
 
+def _resolve_precision(config, run_dir):
+    """``config`` with ``train.mixed_precision: auto`` made concrete (``pipeline.precision``):
+    the value of the run being resumed, else this machine's choice, which is logged and, as
+    part of ``config.yaml``, recorded for a later resume elsewhere."""
+    t = config.train
+    if t.mixed_precision != "auto":
+        return config
+    recorded = (load_run_config(run_dir).train.mixed_precision
+                if os.path.exists(os.path.join(run_dir, "config.yaml")) else None)
+    policy, reason = resolve_mixed_precision(t.mixed_precision, recorded)
+    print(f"train.mixed_precision auto -> {policy}: {reason}", flush=True)
+    return dataclasses.replace(config, train=dataclasses.replace(t, mixed_precision=policy))
+
+
 def _check_resume(config, run_dir, allow_config_change):
     """Compares ``config`` with the run's recorded one; returns ``{key: [old, new]}``.
 
@@ -210,6 +226,7 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
     t = config.train
     # First: a multi-worker strategy must exist before TensorFlow's context does.
     strategy = strategy or resolve_strategy(t.strategy)
+    config = _resolve_precision(config, run_dir)
     manifest = load_manifest(config.data.dataset)
     steps_per_epoch, train_selection, validation = _check_dataset(
         config, manifest, strategy.num_replicas_in_sync)
