@@ -4,9 +4,9 @@
                                     [--json bench/results/serving_latency.json]
 
 Exports ResNet-18 (CIFAR stem, 32 px) and the small CNN exactly as ``ascl export``
-does, in each precision (``--precision``: float32, or bfloat16 compute under Keras's
-``mixed_bfloat16`` policy; weights are freshly initialised: speed does not depend on
-them), loads each SavedModel with ``tf.saved_model.load`` and times
+does, in each precision (``--precision``: float32, or bfloat16 under Keras's
+``bfloat16`` policy, as ``pipeline.export.load_for_export`` builds it; weights are
+freshly initialised: speed does not depend on them), loads each SavedModel with ``tf.saved_model.load`` and times
 ``serving_default`` on PNG bytes: batch 1 and batch 32 (latency p50, p99 over
 ``--calls`` calls after warm-up, and images/s at the p50), and batch 256 (images/s,
 median of ``--repeats``).  The exports are timed alternately, in ``--rounds`` rounds
