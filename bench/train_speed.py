@@ -117,8 +117,8 @@ def main():
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     results = {
         "command": "python bench/train_speed.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if v is not None and v is not False),
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items() if v is not None and v is not False),
         "op_determinism": args.deterministic,
         "what": "median seconds per training step inside one fit (callback), in-memory views",
         "cpu_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",

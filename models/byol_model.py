@@ -124,7 +124,7 @@ class BYOLModel(MomentumEncoderModel):
             batch_labels = context.all_gather(batch_labels, axis=0) if gather else batch_labels
         return (keys, tf.gather(targets, rows), tf.gather(confidence, rows), own, batch_labels)
 
-    def _objective(self, strong, weak, keys, targets, training):
+    def _objective(self, strong, weak, keys, targets, training, strong_keys=None):
         """``(per-example loss [n], online projections of the strong views)``.
 
         One direction: the online branch predicts, from the strong view, the target's keys
@@ -136,7 +136,8 @@ class BYOLModel(MomentumEncoderModel):
         loss = byol_regression_loss(self.predictor(projections, training=training), keys,
                                     targets)
         if self.symmetric:
-            _, strong_keys = self._target_keys(strong, training)
+            if strong_keys is None:
+                _, strong_keys = self._target_keys(strong, training)
             weak_predictions = self.predictor(self.query_encoder(weak, training=training),
                                               training=training)
             loss += byol_regression_loss(weak_predictions, strong_keys, targets)
@@ -158,8 +159,10 @@ class BYOLModel(MomentumEncoderModel):
         strong, weak, labels = self._unpack(data)
         keys, targets, confidence, own, batch_labels = self._batch_targets(
             weak, labels, training=True)
+        # the target's keys of the strong views, before the tape (they carry no gradient)
+        strong_keys = self._target_keys(strong, True)[1] if self.symmetric else None
         per_example_loss, projections = self._minimize(
-            lambda: self._objective(strong, weak, keys, targets, True),
+            lambda: self._objective(strong, weak, keys, targets, True, strong_keys),
             [self.query_encoder, self.predictor])
         return self._update_metrics(per_example_loss, targets, confidence, own, labels,
                                     batch_labels, projections)

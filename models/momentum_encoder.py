@@ -255,8 +255,9 @@ class MomentumEncoderModel(keras.Model):
         if self.momentum_schedule == "cosine" and not self.momentum_steps:
             raise ValueError("`momentum_steps` must be the run's optimiser steps to train with "
                              "momentum_schedule='cosine', received momentum_steps=None")
+        # The optimiser has counted this step already: k = iterations - 1, from 0.
         m = self.momentum if self.momentum_schedule == "constant" else ema_momentum(
-            self.momentum, self.optimizer.iterations, self.momentum_steps,
+            self.momentum, self.optimizer.iterations - 1, self.momentum_steps,
             self.momentum_schedule)
         for key_weight, query_weight in self._momentum_pairs():
             key_weight.assign(m * key_weight.value + (1.0 - m) * query_weight.value)

@@ -115,6 +115,8 @@ class EvaluationConfig:
     linear_batch_size: int = 256      # linear_lr is for batch 256, scaled linearly
     linear_augment: bool = True       # RandomResizedCrop + flip views through the frozen backbone
                                       # every epoch; false: features of centre views, once
+    raw_pixel_probe: bool = True      # also the same linear probe on raw pixels (the probe's
+                                      # baseline; doubles the probe's cost)
     projector_samples: int = 1000     # test embeddings written for TensorBoard's projector
 
 

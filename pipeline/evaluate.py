@@ -219,8 +219,9 @@ def evaluate_run(run_dir, *, checkpoint="last", output=None, linear=True, verbos
                      batch_size=e.linear_batch_size, augment=e.linear_augment,
                      seed=config.train.seed, verbose=verbose)
         report["linear_probe"] = linear_probe(model.backbone, manifest, **splits, **probe)
-        report["raw_pixel_linear_probe"] = linear_probe(
-            pixel_encoder(model.backbone.input_shape[1:]), manifest, **splits, **probe)
+        if e.raw_pixel_probe:
+            report["raw_pixel_linear_probe"] = linear_probe(
+                pixel_encoder(model.backbone.input_shape[1:]), manifest, **splits, **probe)
     if e.projector_samples:
         report["projector"] = {
             "log_dir": os.path.join(run_dir, "tensorboard", "projector"),

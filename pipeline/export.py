@@ -204,13 +204,14 @@ def load_for_export(run_dir, checkpoint="last", precision="float32"):
     if precision not in EXPORT_PRECISIONS:
         raise ValueError(f"--precision must be one of {list(EXPORT_PRECISIONS)}, received "
                          f"{precision!r}")
-    model, config, manifest = load_trained_model(run_dir, checkpoint)
-    digest = weights_sha256(model.backbone, model.projector)
-    if precision == "float32":
-        return model.backbone, model.projector, manifest, digest
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(EXPORT_PRECISIONS[precision])
-    try:
+    try:  # whatever policy the caller has set, float32 means float32
+        keras.mixed_precision.set_global_policy("float32")
+        model, config, manifest = load_trained_model(run_dir, checkpoint)
+        digest = weights_sha256(model.backbone, model.projector)
+        if precision == "float32":
+            return model.backbone, model.projector, manifest, digest
+        keras.mixed_precision.set_global_policy(EXPORT_PRECISIONS[precision])
         converted = build_model(config, manifest)
     finally:
         keras.mixed_precision.set_global_policy(previous)

@@ -14,6 +14,8 @@ The choice is made once per run: it is written into the run's ``config.yaml`` as
 concrete value, so a run resumed on another machine keeps it.
 """
 
+import os
+
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 MIN_GPU_CAPABILITY = (8, 0)
 
@@ -38,9 +40,12 @@ def gpu_capabilities():
             for device in tf.config.list_physical_devices("GPU")]
 
 
-def choose_mixed_precision(*, flags=None, capabilities=None):
+def choose_mixed_precision(*, flags=None, capabilities=None, environ=None):
     """``(policy, reason)``: ``"mixed_bfloat16"`` or ``"none"``, and why, for this machine
-    (``flags`` and ``capabilities`` default to ``cpu_flags()`` and ``gpu_capabilities()``)."""
+    (``flags``, ``capabilities`` and ``environ`` default to ``cpu_flags()``,
+    ``gpu_capabilities()`` and ``os.environ``).  On a CPU, oneDNN switched off
+    (``TF_ENABLE_ONEDNN_OPTS=0``) or capped below bfloat16 (``ONEDNN_MAX_CPU_ISA``) means
+    emulated bfloat16, so float32."""
     capabilities = gpu_capabilities() if capabilities is None else capabilities
     if capabilities:
         if all(c is not None and tuple(c) >= MIN_GPU_CAPABILITY for c in capabilities):
@@ -49,6 +54,13 @@ def choose_mixed_precision(*, flags=None, capabilities=None):
                                       f"({capabilities})")
         return "none", (f"a GPU below compute capability "
                         f"{'.'.join(map(str, MIN_GPU_CAPABILITY))} ({capabilities}): float32")
+    environ = os.environ if environ is None else environ
+    if environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
+        return "none", "TF_ENABLE_ONEDNN_OPTS=0: no oneDNN bfloat16 kernels"
+    isa = environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa and isa != "ALL" and "BF16" not in isa and "AMX" not in isa:
+        return "none", (f"ONEDNN_MAX_CPU_ISA={isa} caps oneDNN below bfloat16 instructions "
+                        f"(bfloat16 would be emulated)")
     flags = cpu_flags() if flags is None else set(flags)
     native = sorted(set(BFLOAT16_CPU_FLAGS) & flags)
     if native:
@@ -57,14 +69,20 @@ def choose_mixed_precision(*, flags=None, capabilities=None):
                     f"emulated, slower than float32)")
 
 
-def resolve_mixed_precision(setting, recorded=None, **machine):
+def resolve_mixed_precision(setting, recorded=None, *, across_workers=False, **machine):
     """``(policy, reason)`` for a run's ``train.mixed_precision`` ``setting``.
 
     A concrete setting is kept.  ``auto`` takes ``recorded`` (the concrete value in the
-    config of the run being resumed) when there is one, else ``choose_mixed_precision``."""
+    config of the run being resumed) when there is one.  Otherwise, in a multi-worker
+    cluster (``across_workers``) it is float32: each worker would judge its own hardware,
+    and workers that disagree would train one model in two precisions without an error.
+    Else ``choose_mixed_precision``."""
     if setting != "auto":
         return setting, "set in the config"
     if recorded not in (None, "auto"):
         return recorded, "recorded by the run being resumed"
+    if across_workers:
+        return "none", ("a multi-worker cluster, whose workers could choose differently; set "
+                        "train.mixed_precision explicitly to train in bfloat16")
     return choose_mixed_precision(**machine)
 

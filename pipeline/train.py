@@ -132,7 +132,7 @@ def _flatten(config_dict):
 _PRESENTATION_KEYS = {"train.verbose"}
 
 
-def _resolve_precision(config, run_dir):
+def _resolve_precision(config, run_dir, strategy=None):
     """``config`` with ``train.mixed_precision: auto`` made concrete (``pipeline.precision``):
     the value of the run being resumed, else this machine's choice, which is logged and, as
     part of ``config.yaml``, recorded for a later resume elsewhere."""
@@ -141,7 +141,9 @@ def _resolve_precision(config, run_dir):
         return config
     recorded = (load_run_config(run_dir).train.mixed_precision
                 if os.path.exists(os.path.join(run_dir, "config.yaml")) else None)
-    policy, reason = resolve_mixed_precision(t.mixed_precision, recorded)
+    policy, reason = resolve_mixed_precision(
+        t.mixed_precision, recorded,
+        across_workers=isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy))
     print(f"train.mixed_precision auto -> {policy}: {reason}", flush=True)
     return dataclasses.replace(config, train=dataclasses.replace(t, mixed_precision=policy))
 
@@ -226,7 +228,7 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
     t = config.train
     # First: a multi-worker strategy must exist before TensorFlow's context does.
     strategy = strategy or resolve_strategy(t.strategy)
-    config = _resolve_precision(config, run_dir)
+    config = _resolve_precision(config, run_dir, strategy)
     manifest = load_manifest(config.data.dataset)
     steps_per_epoch, train_selection, validation = _check_dataset(
         config, manifest, strategy.num_replicas_in_sync)

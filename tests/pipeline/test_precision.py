@@ -16,7 +16,7 @@ OLDER_FLAGS = {"avx2", "fma", "avx512f"}
     (OLDER_FLAGS, "none"), (set(), "none"),
 ])
 def test_a_cpu_only_machine_gets_bfloat16_only_with_native_instructions(flags, expected):
-    policy, reason = choose_mixed_precision(flags=flags, capabilities=[])
+    policy, reason = choose_mixed_precision(flags=flags, capabilities=[], environ={})
     assert policy == expected
     assert ("natively" in reason) == (expected == "mixed_bfloat16")
 
@@ -31,12 +31,32 @@ def test_gpus_decide_when_there_are_any(capabilities, expected):
                                   capabilities=capabilities)[0] == expected
 
 
+@pytest.mark.parametrize("environ, expected", [
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "none"), ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "none"),
+    ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "none"),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "mixed_bfloat16"),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, "mixed_bfloat16"),
+    ({"ONEDNN_MAX_CPU_ISA": "ALL"}, "mixed_bfloat16"), ({}, "mixed_bfloat16"),
+])
+def test_onednn_capped_below_bfloat16_means_float32(environ, expected):
+    assert choose_mixed_precision(flags=EPYC_FLAGS, capabilities=[],
+                                  environ=environ)[0] == expected
+
+
+def test_a_multi_worker_cluster_is_not_left_to_each_worker():
+    policy, reason = resolve_mixed_precision("auto", None, across_workers=True,
+                                             flags=EPYC_FLAGS, capabilities=[])
+    assert policy == "none" and "set train.mixed_precision explicitly" in reason
+    assert resolve_mixed_precision("auto", "mixed_bfloat16", across_workers=True)[0] == \
+        "mixed_bfloat16"  # a resumed cluster run keeps what it recorded
+
+
 def test_a_concrete_setting_or_a_recorded_choice_is_kept():
     assert resolve_mixed_precision("none", flags=EPYC_FLAGS, capabilities=[])[0] == "none"
     assert resolve_mixed_precision("auto", "none", flags=EPYC_FLAGS, capabilities=[]) == (
         "none", "recorded by the run being resumed")
-    assert resolve_mixed_precision("auto", None, flags=EPYC_FLAGS,
-                                   capabilities=[])[0] == "mixed_bfloat16"
+    assert resolve_mixed_precision("auto", None, flags=EPYC_FLAGS, capabilities=[],
+                                   environ={})[0] == "mixed_bfloat16"
 
 
 def test_cpu_flags_reads_proc_cpuinfo_format(tmp_path):
@@ -55,6 +75,8 @@ def test_auto_is_logged_recorded_and_kept_when_resumed_elsewhere(digits16, tmp_p
     run_dir = str(tmp_path / "run")
     monkeypatch.setattr(precision, "gpu_capabilities", lambda: [])
     monkeypatch.setattr(precision, "cpu_flags", lambda: set(EPYC_FLAGS))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
     config = small_config(digits16, "train.mixed_precision=auto", "train.epochs=1",
                           "train.knn_every=0", "train.view_images=0")
     train(config, run_dir)

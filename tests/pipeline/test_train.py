@@ -442,9 +442,10 @@ def test_deterministic_runs_give_identical_weights(digits16, tmp_path):
     assert "DIFFERENT []" in result.stdout, result.stdout[-2000:]
 
 
-def test_byol_options_train_and_the_cosine_schedule_ends_at_one(digits16, tmp_path):
+def test_byol_options_reach_the_model_and_the_cosine_schedule_spans_the_run(digits16, tmp_path):
     """ascl.symmetric and ascl.momentum_schedule=cosine reach the model from the config; the
-    schedule spans the run (epochs x steps), so the target has stopped moving at the end."""
+    schedule spans the run (epochs x steps), so the target has almost stopped moving at the
+    end."""
     from models.momentum_encoder import ema_momentum
 
     class Capture(keras.callbacks.Callback):
@@ -460,5 +461,5 @@ def test_byol_options_train_and_the_cosine_schedule_ends_at_one(digits16, tmp_pa
     assert np.isfinite(summary["final"]["loss"]) and summary["final"]["projection_spread"] > 0
     assert model.symmetric and model.momentum_schedule == "cosine"
     steps = int(model.optimizer.iterations.numpy())
-    assert steps > 2 and model.momentum_steps == steps
-    assert float(ema_momentum(model.momentum, steps, model.momentum_steps, "cosine")) == 1.0
+    assert steps > 2 and model.momentum_steps == steps  # the schedule spans the whole run
+    assert float(ema_momentum(model.momentum, steps - 1, model.momentum_steps, "cosine")) > 0.9999
