@@ -89,11 +89,11 @@ def build_export_archive(backbone, projector, manifest, gallery=None,
     ``neighbors`` and ``neighbors_of_embedding`` when a ``GalleryIndex`` is given."""
     height, width, _ = manifest["image_shape"]
     mean, std = (tf.constant(value) for value in channel_statistics(manifest))
+    frozen = compute_precision(backbone) == "bfloat16"
+    encode = _encoder(backbone, projector, (height, width, 3), frozen)
 
     def outputs(images):
-        x = (tf.cast(images, tf.float32) - mean) / std
-        features = tf.cast(backbone(x, training=False), tf.float32)
-        projection = tf.cast(projector(features, training=False), tf.float32)
+        features, projection = encode((tf.cast(images, tf.float32) - mean) / std)
         return {"embedding": tf.math.l2_normalize(features, axis=1),
                 "projection": tf.math.l2_normalize(projection, axis=1)}
 
@@ -114,8 +114,9 @@ def build_export_archive(backbone, projector, manifest, gallery=None,
             return outputs(tf.identity(images))
 
     archive = keras.export.ExportArchive()
-    archive.track(backbone)
-    archive.track(projector)
+    if not frozen:  # a frozen encoder holds its weights as constants of the graph
+        archive.track(backbone)
+        archive.track(projector)
     archive.add_endpoint("serving_default", serve_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.add_endpoint("embed_pixels", serve_pixels,
@@ -124,6 +125,30 @@ def build_export_archive(backbone, projector, manifest, gallery=None,
     if gallery is not None:
         _add_neighbor_endpoints(archive, gallery, serve_bytes, backbone.feature_dim)
     return archive
+
+
+def _encoder(backbone, projector, image_shape, frozen):
+    """``images [B, H, W, 3] float32 -> (features, projection)``, both float32.
+
+    ``frozen``: the weights become constants of the graph (a bfloat16 export does this).
+    oneDNN's AMX bfloat16 convolutions want the filters in a blocked layout, and TF's oneDNN
+    convolution keeps a reordered filter only for a constant one: with variables, every
+    request reorders every filter again, which made a batch-1 bfloat16 ResNet-18 request
+    slower than float32 (BENCHMARKS.md). A ResNet-18 is 22 MB of bfloat16 constants, far
+    from the GraphDef's 2 GiB cap."""
+    def encode(images):
+        features = tf.cast(backbone(images, training=False), tf.float32)
+        return features, tf.cast(projector(features, training=False), tf.float32)
+
+    if not frozen:
+        return encode
+    # TensorFlow's own freezing (the one tf.lite and saved_model_cli use); no public alias
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2)
+
+    constant = convert_variables_to_constants_v2(tf.function(encode).get_concrete_function(
+        tf.TensorSpec([None, *image_shape], tf.float32)))
+    return lambda images: tuple(constant(images))
 
 
 def _add_neighbor_endpoints(archive, gallery, serve_bytes, feature_dim):

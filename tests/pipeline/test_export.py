@@ -182,7 +182,8 @@ def test_version_zero_is_rejected_not_taken_as_next(exported, tmp_path):
 
 def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings(
         exported, digits16, tmp_path):
-    """The same run exported with --precision bfloat16: outputs float32 and unit-norm,
+    """The same run exported with --precision bfloat16 (weights frozen into the graph):
+    outputs float32 and unit-norm,
     cosine >= 0.999 with the float32 export's on the real (digit) test images, the same
     weights digest (so a float32-embedded gallery is accepted), and precision recorded."""
     run_dir, _, float32_path = exported
@@ -209,5 +210,11 @@ def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings
     convolutions = [node for node in nodes if node.op == "Conv2D"]
     assert convolutions and all(node.attr["T"].type == tf.bfloat16.as_datatype_enum
                                 for node in convolutions)
+    # its weights are constants of the graph (so oneDNN keeps its reordered filters), and
+    # every op is stock TensorFlow
+    from tensorflow.python.framework import op_def_registry
+
+    assert not [node for node in nodes if node.op == "ReadVariableOp"]
+    assert [op for op in {node.op for node in nodes} if op_def_registry.get(op) is None] == []
     with pytest.raises(ValueError, match="--precision must be one of"):
         export_run(run_dir, name="digits_x", base_dir=str(tmp_path), precision="float16")
