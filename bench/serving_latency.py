@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from models import build_backbone, projection_head
 from pipeline.export import EXPORT_PRECISIONS, write_export
+from pipeline.precision import cpu_flags
 
 MANIFEST = {"image_shape": [32, 32, 3], "class_names": [str(i) for i in range(10)],
             "train_statistics": {"mean": [125.3, 123.0, 113.9], "std": [63.0, 62.1, 66.7]}}
@@ -47,16 +48,6 @@ def export(name, precision):
         keras.mixed_precision.set_global_policy("float32")
     path = write_export(backbone, projector, MANIFEST, tempfile.mkdtemp() + "/1")
     return tf.saved_model.load(path).signatures["serving_default"]
-
-
-def cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next(line for line in handle if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(flag for flag in flags if flag in ("avx512f", "avx512_bf16", "amx_bf16",
-                                                     "amx_tile", "avx2"))
 
 
 def main():
@@ -98,7 +89,8 @@ def main():
     results = {"command": "python bench/serving_latency.py " + " ".join(
                    f"--{k} {v}" for k, v in vars(args).items() if k != "json"),
                "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "(not set)"),
-               "cpu_flags": cpu_flags(), "exports": {}}
+               "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16",
+                                                  "amx_tile"}), "exports": {}}
     for name in names:
         row = {}
         for size in (1, 32):

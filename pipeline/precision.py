@@ -1,7 +1,7 @@
 """``train.mixed_precision: auto``: bfloat16 where the hardware computes it natively.
 
-Measured (BENCHMARKS.md): on a CPU with AVX512_BF16 the ResNet-18 step under
-``mixed_bfloat16`` is 1.3-1.46x the float32 step at equal kNN quality (52.0
+Measured (BENCHMARKS.md): on CPUs with AVX512_BF16 (and AMX) the ResNet-18 step
+under ``mixed_bfloat16`` is 1.3-1.84x the float32 step at equal kNN quality (52.0
 against 51.9).  Without those instructions oneDNN emulates bfloat16 and it is
 slower than float32, so ``auto`` picks it only where it pays:
 
