@@ -88,6 +88,11 @@ def test_bad_values_name_the_key(override, message):
     (["ascl.framework=byol", "optimizer.batch_size=1"], r"optimizer.batch_size must be >= 2"),
     (["model.predictor_hidden=[0]"], r"model.predictor_hidden\[0\] must be >= 1"),
     (["model.predictor_norm=layer"], r"model.predictor_norm must be one of"),
+    (["ascl.framework=byol", "ascl.mode=byol", "ascl.byol_recipe=lightly"],
+     r"ascl.byol_recipe must be one of \['reference', 'project'\], received 'lightly'"),
+    (["ascl.byol_recipe=paper"], r"ascl.byol_recipe must be one of"),
+    (["ascl.framework=byol", "ascl.mode=byol", "ascl.byol_recipe=[1]"],
+     r"ascl.byol_recipe must be of type str"),
 ])
 def test_framework_and_its_modes_are_validated_together(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -99,6 +104,48 @@ def test_byol_framework_ignores_the_queue_settings():
         "ascl.framework=byol", "ascl.mode=byol", "ascl.memory_size=1", "ascl.num_neighbors=5"])
     assert (config.ascl.framework, config.ascl.mode) == ("byol", "byol")
     assert (config.model.predictor_hidden, config.model.predictor_norm) == ([512], "batch")
+
+
+BYOL = ["ascl.framework=byol", "ascl.mode=byol"]
+
+
+@pytest.mark.parametrize("path", ["configs/cifar10_resnet18.yaml", "configs/cifar10_small_cpu.yaml",
+                                  None])
+def test_the_byol_form_defaults_to_the_project_recipe_in_the_keys_a_config_leaves_unset(path):
+    from pipeline.config import BYOL_RECIPES
+
+    config = load_config(path, BYOL)
+    assert config.ascl.byol_recipe == "project"
+    for (section, key), value in BYOL_RECIPES["project"].items():
+        assert getattr(getattr(config, section), key) == value, f"{section}.{key}"
+    moco = load_config(path)  # the MoCo form keeps the reference's values
+    assert (moco.optimizer.lr, moco.model.projector_norm) == (0.03, "none")
+
+
+def test_the_reference_byol_recipe_is_the_settings_before_the_recipe_existed():
+    config = load_config("configs/cifar10_small_cpu.yaml", [*BYOL, "ascl.byol_recipe=reference"])
+    assert (config.optimizer.lr, config.model.projector_norm, config.ascl.symmetric,
+            config.ascl.momentum_schedule, config.ascl.momentum) == (
+        0.03, "none", False, "constant", 0.99)
+
+
+def test_a_value_written_anywhere_wins_over_the_byol_recipe(tmp_path):
+    assert load_config("configs/cifar10_small_cpu.yaml", [*BYOL, "optimizer.lr=0.05"]
+                       ).optimizer.lr == 0.05
+    assert load_config("configs/digits_small.yaml", BYOL).optimizer.lr == 0.06  # the file's
+    written = tmp_path / "byol.yaml"
+    written.write_text("ascl: {framework: byol, mode: byol}\nmodel: {projector_norm: none}\n")
+    assert load_config(str(written)).model.projector_norm == "none"
+
+
+def test_a_recorded_byol_config_reloads_to_itself(tmp_path):
+    """A run's config.yaml sets every key, so a resumed run keeps its recipe even if the
+    defaults change."""
+    from pipeline.config import dump_config
+
+    config = load_config("configs/cifar10_small_cpu.yaml", BYOL)
+    dump_config(config, str(tmp_path / "config.yaml"))
+    assert load_config(str(tmp_path / "config.yaml")) == config
 
 
 def test_missing_or_broken_file(tmp_path):
