@@ -30,6 +30,8 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from beam_jobs.errors import InputError, OutputExists
+from beam_jobs.dataset_format import load_manifest, parse_example, shard_file_glob
 from beam_jobs.embed_output import EMBED_INFO_NAME, EMBEDDINGS_PREFIX
 from beam_jobs.images import InvalidImage, decode_image, square_and_resize, validate_pixels
 from beam_jobs.sources import ReadFolder
@@ -77,16 +79,13 @@ def _example_to_item(record, class_names):
     """A prepared example as ``(key, pixels)``; its label is its class's index in the
     export's classes (-1 when the export has no such class), as for folder inputs, so that a
     gallery's labels always mean the export's classes."""
-    from tensorflow.core.example import example_pb2
-
-    feature = example_pb2.Example.FromString(record).features.feature
-    pixels = decode_image(feature["image/encoded"].bytes_list.value[0])
-    source = feature["source_path"].bytes_list.value if "source_path" in feature else []
-    class_name = feature["class_name"].bytes_list.value[0].decode()
-    return (json.dumps({"id": feature["id"].bytes_list.value[0].decode(),
+    features = parse_example(record)
+    pixels = decode_image(features["image/encoded"])
+    class_name = features["class_name"].decode()
+    return (json.dumps({"id": features["id"].decode(),
                         "label": _export_label(class_name, class_names),
                         "class_name": class_name,
-                        "source_path": source[0].decode() if source else ""},
+                        "source_path": features["source_path"].decode()},
                        sort_keys=True), pixels)
 
 
@@ -125,7 +124,7 @@ def _prepare_output(output, overwrite):
     existing = [m.path for m in FileSystems.match([f"{output}/*"])[0].metadata_list]
     if existing and not overwrite:
         names = sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in existing)
-        raise FileExistsError(f"{output} is not empty ({', '.join(names[:5])}"
+        raise OutputExists(f"{output} is not empty ({', '.join(names[:5])}"
                               f"{', ...' if len(names) > 5 else ''}); pass --overwrite to "
                               f"replace what is there, or choose another --output")
     if existing:
@@ -225,15 +224,13 @@ def run(argv=None):
              | "WriteDead" >> beam.io.WriteToText(f"{output}/dead_letters",
                                                   file_name_suffix=".jsonl", num_shards=1))
         else:
-            manifest_path = FileSystems.join(args.input, "manifest.json")
-            with FileSystems.open(manifest_path) as handle:
-                manifest = json.loads(handle.read())
+            manifest = load_manifest(args.input)
             if args.split not in manifest["splits"]:
-                raise ValueError(f"--split {args.split!r} is not in {args.input} "
+                raise InputError(f"--split {args.split!r} is not in {args.input} "
                                  f"(it has {sorted(manifest['splits'])})")
             pixels = (pipeline
                       | "ReadShards" >> beam.io.ReadFromTFRecord(
-                          FileSystems.join(args.input, f"{args.split}-*-of-*.tfrecord"))
+                          FileSystems.join(args.input, shard_file_glob(args.split)))
                       | "Parse" >> beam.Map(_example_to_item, list(info["class_names"])))
         embeddings = (pixels
                       | "RunInference" >> RunInference(handler)

@@ -11,6 +11,8 @@ import re
 import numpy as np
 from PIL import Image, ImageFile
 
+from beam_jobs.dataset_format import square_crop_and_resize
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not grey pixels
 _CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB",
                       "HSV", "I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -102,14 +104,12 @@ def validate_pixels(pixels, *, min_size):
 
 
 def square_and_resize(pixels, size=None):
-    """The project's one resize policy (``pipeline.image_policy``): the largest centred square,
-    resized to ``size`` x ``size`` when given.  Images already square and at size are
-    returned as they are, without calling TensorFlow."""
+    """The project's one resize policy (``beam_jobs.dataset_format.square_crop_and_resize``):
+    the largest centred square, resized to ``size`` x ``size`` when given.  Images already
+    square and at size are returned as they are, without calling TensorFlow."""
     height, width = pixels.shape[:2]
     if height == width and size in (None, height):
         return pixels
-    from pipeline.image_policy import square_crop_and_resize  # TensorFlow: only when needed
-
     return np.ascontiguousarray(square_crop_and_resize(pixels, size).numpy())
 
 

@@ -5,26 +5,12 @@
         --image-size 32 --runner DataflowRunner --project P --region R \\
         --temp_location gs://bucket/tmp --setup_file ./setup.py
 
-Writes, under ``--output``:
-
-* ``<split>-00000-of-000NN.tfrecord``: ``tf.train.Example`` records with the
-  PNG-encoded image, label index (-1 if unlabelled), class name, a stable id
-  and the source path.  An example's shard is a hash of its id, and inside a
-  shard examples are ordered by a keyed hash of the id (``order_key``): an
-  order that is deterministic, so the same input always gives byte-identical
-  shards, and independent of the class (ids begin with the class folder, so
-  sorting by id would write class-sorted shards).
-* ``dead_letters-00000-of-00001.jsonl``: one JSON line per rejected input,
-  with its path and reason.
-* ``manifest.json``, **last**: format version, source, creation time, image
-  shape, class names, per-split counts and shard files (size, sha256), the
-  train split's per-channel mean and std (0-255) and the dead-letter count.
-  A folder without a manifest is never a dataset.
-
-Every input ends up either in a shard or in the dead letters; the job fails
-rather than write a manifest when the counts disagree.  Flags not listed by
-``--help`` are Beam ``PipelineOptions`` (``--runner``, ``--project``, ...);
-the default runner is the in-process DirectRunner, which needs no network.
+Writes a prepared dataset under ``--output``: shards, dead letters and, last,
+the manifest, in the format ``beam_jobs.dataset_format`` defines.  Every input
+ends up either in a shard or in the dead letters; the job fails rather than
+write a manifest when the counts disagree.  Flags not listed by ``--help`` are
+Beam ``PipelineOptions`` (``--runner``, ``--project``, ...); the default runner
+is the in-process DirectRunner, which needs no network.
 """
 
 import argparse
@@ -34,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 
 import apache_beam as beam
@@ -44,22 +29,18 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 
+from beam_jobs.errors import InputError, OutputExists
+from beam_jobs.atomic_json import write_json
+from beam_jobs.dataset_format import (DEAD_LETTERS_NAME, FORMAT_VERSION, MANIFEST_NAME,
+                                      encode_example, is_dataset_file, shard_file_name)
 from beam_jobs.images import (InvalidImage, decode_image, encode_png, square_and_resize,
                               validate_pixels)
 from beam_jobs.sources import source_transform
 from beam_jobs.tfrecord import encode_record
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-DEAD_LETTER_PREFIX = "dead_letters"
 SHARD_SIZE_MB = 64          # default target shard size, MiB of encoded images
 MIN_SHARDS = 16             # default least number of shards per split ...
 MIN_SHARD_EXAMPLES = 256    # ... as long as each holds this many examples
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-\d{5}-of-\d{5}\.tfrecord$")
-
-
-def shard_file_name(split, index, count):
-    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
 
 
 def shard_count(examples, size_bytes, *, num_shards=None, shard_size_mb=SHARD_SIZE_MB,
@@ -92,25 +73,6 @@ def order_key(example_id):
     """
     return hashlib.blake2b(example_id.encode("utf-8"), digest_size=16,
                            key=b"ascl/shard-order").digest()
-
-
-def make_example(*, png, shape, label, class_name, example_id, source_path, split):
-    """A serialised ``tf.train.Example`` (deterministic bytes)."""
-    from tensorflow.core.example import example_pb2
-
-    example = example_pb2.Example()
-    feature = example.features.feature
-    feature["image/encoded"].bytes_list.value.append(png)
-    feature["image/format"].bytes_list.value.append(b"png")
-    feature["image/height"].int64_list.value.append(shape[0])
-    feature["image/width"].int64_list.value.append(shape[1])
-    feature["image/channels"].int64_list.value.append(shape[2])
-    feature["label"].int64_list.value.append(label)
-    feature["class_name"].bytes_list.value.append(class_name.encode("utf-8"))
-    feature["id"].bytes_list.value.append(example_id.encode("utf-8"))
-    feature["source_path"].bytes_list.value.append(source_path.encode("utf-8"))
-    feature["split"].bytes_list.value.append(split.encode("utf-8"))
-    return example.SerializeToString(deterministic=True)
 
 
 class ChannelMeanStd(beam.CombineFn):
@@ -172,7 +134,7 @@ class ToExample(beam.DoFn):
             return
         class_name = item["class_name"]
         label = class_names.index(class_name) if class_name in class_names else -1
-        example = make_example(
+        example = encode_example(
             png=png, shape=pixels.shape, label=label, class_name=class_name,
             example_id=item["id"], source_path=item["source_path"], split=item["split"])
         yield {"split": item["split"], "id": item["id"], "example": example}
@@ -241,7 +203,7 @@ class WriteManifest(beam.DoFn):
     def process(self, _, shards, shards_per_split, class_names, stats, shapes, input_count,
                 dead_count, dead_files):
         if input_count == 0:
-            raise ValueError(f"--source {self.source} yielded no inputs; no manifest written")
+            raise InputError(f"--source {self.source} yielded no inputs; no manifest written")
         shards = list(shards)
         present = {(info["split"], info["file"]) for info in shards}
         for split, count in shards_per_split.items():  # hash sharding can leave a shard empty
@@ -257,7 +219,7 @@ class WriteManifest(beam.DoFn):
                 f"{dead_count} dead letters; no manifest written")
         shapes = sorted(set(shapes))
         if len(shapes) > 1:
-            raise ValueError(
+            raise InputError(
                 f"images have different shapes ({', '.join(shapes[:5])}...): pass --image-size N "
                 f"to resize them to NxN; no manifest written")
         splits = {}
@@ -278,11 +240,7 @@ class WriteManifest(beam.DoFn):
             "dead_letters": {"count": dead_count,
                              "files": sorted(path.rsplit("/", 1)[-1] for path in dead_files)},
         }
-        handle = FileSystems.create(FileSystems.join(self.output, MANIFEST_NAME),
-                                    mime_type="application/json",
-                                    compression_type=CompressionTypes.UNCOMPRESSED)
-        handle.write(json.dumps(manifest, indent=2).encode("utf-8"))
-        handle.close()
+        write_json(FileSystems.join(self.output, MANIFEST_NAME), manifest, indent=2)
         yield manifest
 
 
@@ -330,19 +288,19 @@ def build_parser():
 
 def _check_args(args):
     if args.image_size is not None and args.image_size < 1:
-        raise ValueError(f"--image-size must be >= 1, received {args.image_size}")
+        raise InputError(f"--image-size must be >= 1, received {args.image_size}")
     if args.num_shards is not None and args.num_shards < 1:
-        raise ValueError(f"--num-shards must be >= 1, received {args.num_shards}")
+        raise InputError(f"--num-shards must be >= 1, received {args.num_shards}")
     if not args.shard_size_mb > 0:
-        raise ValueError(f"--shard-size-mb must be > 0, received {args.shard_size_mb}")
+        raise InputError(f"--shard-size-mb must be > 0, received {args.shard_size_mb}")
     if args.min_shards < 1:
-        raise ValueError(f"--min-shards must be >= 1, received {args.min_shards}")
+        raise InputError(f"--min-shards must be >= 1, received {args.min_shards}")
     if not 0.0 <= args.test_fraction < 1.0:
-        raise ValueError(f"--test-fraction must be in [0, 1), received {args.test_fraction}")
+        raise InputError(f"--test-fraction must be in [0, 1), received {args.test_fraction}")
     if args.tfds_slices < 1:
-        raise ValueError(f"--tfds-slices must be >= 1, received {args.tfds_slices}")
+        raise InputError(f"--tfds-slices must be >= 1, received {args.tfds_slices}")
     if args.min_size < 1:
-        raise ValueError(f"--min-size must be >= 1, received {args.min_size}")
+        raise InputError(f"--min-size must be >= 1, received {args.min_size}")
 
 
 STAGING = ".staging"  # the job writes here; the result is swapped in when complete
@@ -362,8 +320,7 @@ def _dataset_files(folder):
     if not FileSystems.exists(folder):
         return []
     return [m.path for m in FileSystems.match([FileSystems.join(folder, "*")])[0].metadata_list
-            if _SHARD_NAME.match(m.path.rsplit("/", 1)[-1])
-            or m.path.rsplit("/", 1)[-1].startswith(DEAD_LETTER_PREFIX + "-")]
+            if is_dataset_file(m.path.rsplit("/", 1)[-1])]
 
 
 def _prepare_output(output, overwrite):
@@ -372,7 +329,7 @@ def _prepare_output(output, overwrite):
     stays untouched and readable until the new one is complete (``_swap_in``)."""
     manifest = FileSystems.join(output, MANIFEST_NAME)
     if FileSystems.exists(manifest) and not overwrite:
-        raise FileExistsError(
+        raise OutputExists(
             f"{output} already holds a prepared dataset ({manifest}); pass --overwrite "
             f"to replace it")
     if not FileSystems.exists(output):
@@ -438,7 +395,7 @@ def build_pipeline(pipeline, args):
               | "KeyByShard" >> beam.Map(key_by_shard, counts=beam.pvalue.AsDict(shards_per_split))
               | "GroupShards" >> beam.GroupByKey()
               | "WriteShards" >> beam.ParDo(WriteShard(args.output)))
-    dead_path = FileSystems.join(args.output, f"{DEAD_LETTER_PREFIX}-00000-of-00001.jsonl")
+    dead_path = FileSystems.join(args.output, DEAD_LETTERS_NAME)
     dead_files = (results.dead
                   | "DeadToJson" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
                   | "AllDead" >> beam.combiners.ToList()
@@ -460,13 +417,13 @@ def build_pipeline(pipeline, args):
 
 
 def _refuse_lossy_direct_mode(options):
-    """The DirectRunner's multi-threaded mode lost examples of this job on the 60,000-image
-    CIFAR-10 tree (54 and 5 in two runs, before and after the issue-14 changes; the job's
-    count check refused to write a manifest both times).  Refused up front rather than after
-    the whole job has run."""
+    """Refuses the DirectRunner's multi-threaded mode with several workers: it lost examples
+    of this job on the 60,000-image CIFAR-10 tree (54 and 5 in two runs; the job's count
+    check refused to write a manifest both times), so it is refused up front rather than
+    after the whole job has run."""
     direct = options.view_as(DirectOptions)
     if direct.direct_running_mode == "multi_threading" and (direct.direct_num_workers or 1) != 1:
-        raise ValueError(
+        raise InputError(
             "--direct_running_mode multi_threading with --direct_num_workers "
             f"{direct.direct_num_workers} lost examples of this job in our runs (the count "
             "check then refuses to write a manifest); use the default DirectRunner mode, "

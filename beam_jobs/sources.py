@@ -21,6 +21,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
+from beam_jobs.errors import InputError
+
 KNOWN_SPLITS = ("train", "test", "validation", "val", "valid", "unlabeled", "unlabelled")
 LAYOUTS = ("auto", "split/class", "class")
 
@@ -98,7 +100,7 @@ def check_folder_layout(root, layout):
     first_level = _folders_holding_folders(root)
     unknown = [name for name in first_level if name not in KNOWN_SPLITS]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"--source folder:{root}: the folders {unknown[:10]} hold sub-folders but are not "
             f"split names ({', '.join(KNOWN_SPLITS)}), so the layout is ambiguous. Pass "
             f"--layout split/class if they are splits (PATH/<split>/<class>/<file>) or "
@@ -251,7 +253,7 @@ class ReadTfds(beam.PTransform):
         image_keys = [key for key, feature in features.items()
                       if isinstance(feature, tfds.features.Image)]
         if not image_keys:
-            raise ValueError(f"--source tfds:{name}: the dataset has no image feature "
+            raise InputError(f"--source tfds:{name}: the dataset has no image feature "
                              f"(features: {sorted(features)})")
         label_keys = [key for key, feature in features.items()
                       if isinstance(feature, tfds.features.ClassLabel)]
@@ -262,11 +264,11 @@ class ReadTfds(beam.PTransform):
         available = list(builder.info.splits.keys())
         self.splits = splits.split(",") if splits else available
         if not self.splits:
-            raise ValueError(f"--source tfds:{spec}: the dataset records no splits; name them, "
+            raise InputError(f"--source tfds:{spec}: the dataset records no splits; name them, "
                              f"e.g. tfds:{name}:train,test")
         unknown = [split for split in self.splits if available and split not in available]
         if unknown:
-            raise ValueError(f"--source tfds:{spec}: unknown split(s) {unknown}; "
+            raise InputError(f"--source tfds:{spec}: unknown split(s) {unknown}; "
                              f"the dataset has {available}")
 
     def expand(self, pipeline):
@@ -281,12 +283,12 @@ class ReadTfds(beam.PTransform):
 def source_transform(spec, *, test_fraction, tfds_data_dir=None, tfds_slices=8, layout="auto"):
     """The source ``PTransform`` for a ``--source`` value."""
     if layout not in LAYOUTS:
-        raise ValueError(f"--layout must be one of {list(LAYOUTS)}, received {layout!r}")
+        raise InputError(f"--layout must be one of {list(LAYOUTS)}, received {layout!r}")
     if spec == "digits":
         return ReadDigits(test_fraction=test_fraction)
     if spec.startswith("folder:") and len(spec) > len("folder:"):
         return ReadFolder(spec[len("folder:"):], test_fraction=test_fraction, layout=layout)
     if spec.startswith("tfds:") and len(spec) > len("tfds:"):
         return ReadTfds(spec[len("tfds:"):], data_dir=tfds_data_dir, slices=tfds_slices)
-    raise ValueError(f"--source must be 'digits', 'folder:PATH' or 'tfds:NAME[:SPLIT,...]', "
+    raise InputError(f"--source must be 'digits', 'folder:PATH' or 'tfds:NAME[:SPLIT,...]', "
                      f"received {spec!r}")

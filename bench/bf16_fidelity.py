@@ -44,7 +44,7 @@ def main():
 
     from pipeline.evaluate import knn_accuracy
     from pipeline.export import export_run
-    from pipeline.prepared_dataset import load_manifest
+    from beam_jobs.dataset_format import load_manifest
 
     manifest = load_manifest(args.data)
     base = tempfile.mkdtemp(prefix="bf16-fidelity-")

@@ -110,7 +110,7 @@ def overrides(args, part, arm, seed):
 def train_one(args, part, arm, seed, result_path):
     from pipeline.config import load_config
     from pipeline.evaluate import linear_probe
-    from pipeline.prepared_dataset import load_manifest
+    from beam_jobs.dataset_format import load_manifest
     from pipeline.run_dir import load_trained_model
     from pipeline.train import train
 
@@ -388,7 +388,7 @@ def main():
         return
 
     from pipeline.evaluate import raw_pixel_knn
-    from pipeline.prepared_dataset import load_manifest
+    from beam_jobs.dataset_format import load_manifest
 
     base_path = os.path.join(args.out, "cifar10_raw_pixel_knn.json")
     if os.path.exists(base_path):

@@ -120,7 +120,7 @@ def raw_pixel_retrieval(args):
     from pipeline import data
     from pipeline.evaluate import embed, flatten_pixels
     from pipeline.gallery import brute_force_search
-    from pipeline.prepared_dataset import load_manifest
+    from beam_jobs.dataset_format import load_manifest
 
     manifest = load_manifest(args.data)
     train, train_labels = embed(flatten_pixels, data.eval_dataset(manifest, "train",

@@ -61,7 +61,7 @@ def main():
 
     from pipeline import data
     from pipeline.config import load_config
-    from pipeline.prepared_dataset import load_manifest
+    from beam_jobs.dataset_format import load_manifest
     from pipeline.train import training_selections
 
     config = load_config(args.config, [f"data.dataset={args.data}", *args.set])

@@ -70,7 +70,7 @@ def epoch_images_per_second(config):
 
 
 def step_images_per_second(config, steps=20, warmup=3):
-    from pipeline.prepared_dataset import load_manifest
+    from beam_jobs.dataset_format import load_manifest
     from pipeline.run_dir import build_model
 
     manifest = load_manifest(config.data.dataset)

@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--json", default="bench/results/input_speed.json")
     args = parser.parse_args()
 
-    from pipeline.prepared_dataset import load_manifest
+    from beam_jobs.dataset_format import load_manifest
 
     manifest = load_manifest(args.data)
     runs = {"blur_on": [], "blur_off": []}

@@ -19,8 +19,9 @@ import statistics
 import tempfile
 import time
 
+from beam_jobs.dataset_format import encode_example
 from beam_jobs.images import InvalidImage, decode_image, encode_png, validate_pixels
-from beam_jobs.prepare import make_example, run
+from beam_jobs.prepare import run
 from beam_jobs.sources import folder_item
 from beam_jobs.tfrecord import encode_record
 
@@ -36,9 +37,9 @@ def plain_loop(root, output):
                 pixels = validate_pixels(decode_image(item["data"]), min_size=8)
             except InvalidImage:
                 continue
-            record = make_example(png=encode_png(pixels), shape=pixels.shape, label=0,
-                                  class_name=item["class_name"], example_id=item["id"],
-                                  source_path=path, split=item["split"])
+            record = encode_example(png=encode_png(pixels), shape=pixels.shape, label=0,
+                                    class_name=item["class_name"], example_id=item["id"],
+                                    source_path=path, split=item["split"])
             split = item["split"]
             if split not in writers:
                 writers[split] = open(os.path.join(output, f"{split}.tfrecord"), "wb")

@@ -115,15 +115,6 @@ class ASCLModel(MomentumEncoderModel):
     def _form_metrics(self):
         return [self.accuracy_tracker]
 
-    def load_own_variables(self, store):
-        """Also reads weights saved before the label queue existed (it then starts empty)."""
-        own = self._trainable_variables + self._non_trainable_variables
-        if len(store.keys()) == len(own) - 1 and own[-1] is self.label_queue:
-            for index, variable in enumerate(own[:-1]):
-                variable.assign(store[f"{index}"])
-            return
-        super().load_own_variables(store)
-
     # ------------------------------------------------------------------ training
     def _keys_and_gathered(self, weak):
         """``(keys, gathered)``: unit keys of this replica's weak views, through the key
@@ -143,11 +134,11 @@ class ASCLModel(MomentumEncoderModel):
             return tf.stop_gradient(l2_normalize(self.key_encoder(weak, training=True))), None
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync if context is not None else 1
-        local = weak.shape[0] if weak.shape[0] is not None else tf.shape(weak)[0]
+        local = keras.ops.shape(weak)[0]
         # tf.identity: under MultiWorkerMirroredStrategy, all_gather of an input tensor
         # as the iterator hands it over fails ("destinations can not be empty").
         batch = context.all_gather(tf.identity(weak), axis=0) if replicas > 1 else weak
-        size = batch.shape[0] if batch.shape[0] is not None else tf.shape(batch)[0]
+        size = keras.ops.shape(batch)[0]
         order = tf.argsort(tf.random.stateless_uniform((size,), seed=self._step_seed()))
         if replicas == 1:
             keys = self.key_encoder(tf.gather(batch, order), training=True)
@@ -209,7 +200,7 @@ class ASCLModel(MomentumEncoderModel):
             keys = gathered if gathered is not None else context.all_gather(keys, axis=0)
             labels = context.all_gather(labels, axis=0)
         size = self.memory_size
-        count = keys.shape[0] if keys.shape[0] is not None else tf.shape(keys)[0]
+        count = keras.ops.shape(keys)[0]
         pointer = self.queue_pointer.value
         # With more keys than slots only the newest M survive a FIFO; writing
         # just those keeps scatter indices unique.

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from models.collapse import projection_spread
+from models.keras_workarounds import BuildsOnlyTheOptimizer, across_workers, reducible_logs
 
 VIEW_KEYS = ("strong_view", "weak_view")
 MOMENTUM_SCHEDULES = ("constant", "cosine")
@@ -38,12 +39,6 @@ def _encoder(backbone, projector, name):
     return keras.Model(inputs, projector(backbone(inputs)), name=name)
 
 
-def _across_workers(strategy):
-    """Whether ``strategy`` spans several worker processes (Keras's own test of it)."""
-    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())
-
-
 def replica_offset(gathered, local, context):
     """The row where this replica's ``local`` rows start in ``gathered``, a batch gathered
     across replicas in replica order.  Replicas must hold equal slices: unequal ones (a
@@ -62,7 +57,7 @@ def l2_normalize(x):
     return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=1)
 
 
-class MomentumEncoderModel(keras.Model):
+class MomentumEncoderModel(BuildsOnlyTheOptimizer, keras.Model):
     """Base of ``ASCLModel`` and ``BYOLModel``; not used on its own.
 
     Args:
@@ -110,7 +105,7 @@ class MomentumEncoderModel(keras.Model):
         # Draws are stateless, seeded by (seed, optimiser step): a run restored from its
         # weights and optimiser (BackupAndRestore) continues the same draws, which a
         # SeedGenerator's state, not part of the saved weights, would not.
-        if seed is None and _across_workers(tf.distribute.get_strategy()):
+        if seed is None and across_workers(tf.distribute.get_strategy()):
             raise ValueError(
                 "`seed` must be set under MultiWorkerMirroredStrategy: every worker must draw "
                 "the same key permutations, and an unseeded model draws its own per process; "
@@ -158,21 +153,6 @@ class MomentumEncoderModel(keras.Model):
         """Backbone features of ``inputs`` (the embeddings used downstream)."""
         return self.backbone(inputs, training=training)
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Builds the optimiser only: this model's variables exist from construction.
-
-        Keras's version (TF backend) draws a batch and averages it across replicas with
-        ``strategy.reduce`` just to trace the model symbolically, and under
-        ``MultiWorkerMirroredStrategy`` with more than one worker that reduce fails on any
-        structured element ("Attempt to convert a value (PerReplica...)",
-        keras-team/keras#20585), so ``fit`` could not start on a cluster.
-        """
-        del iterator, data_batch
-        with self.distribute_strategy.scope():
-            if self.optimizer is not None and not self.optimizer.built:
-                self.optimizer.build(self.trainable_variables)
-        self._post_build()
-
     # ------------------------------------------------------------------ training
     def _unpack(self, data):
         """``(strong, weak, labels or None)`` of a training element, whatever its documented
@@ -198,17 +178,10 @@ class MomentumEncoderModel(keras.Model):
             f"{tf.nest.map_structure(lambda t: getattr(t, 'shape', t), data)}")
 
     def _metric_logs(self):
-        """The metrics' results as ``train_step`` / ``test_step`` return them.
-
-        Under ``MultiWorkerMirroredStrategy`` across workers, Keras averages the logs with
-        ``strategy.reduce("MEAN", value, axis=0)``, which fails on scalars
-        (keras-team/keras#20585), so there each result is returned as a 1-vector; the reduce
-        then gives the scalar mean over replicas that a single-worker strategy gives.
-        """
-        results = {metric.name: metric.result() for metric in self.metrics}
-        if _across_workers(tf.distribute.get_strategy()):
-            results = {name: tf.reshape(value, [1]) for name, value in results.items()}
-        return results
+        """The metrics' results as ``train_step`` / ``test_step`` return them (in a form
+        Keras can average across workers: ``keras_workarounds.reducible_logs``)."""
+        return reducible_logs({metric.name: metric.result() for metric in self.metrics},
+                              tf.distribute.get_strategy())
 
     def _step_seed(self):
         """``[seed, optimiser step]``: the seed of this step's stateless draws."""

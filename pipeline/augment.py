@@ -9,15 +9,21 @@ reference (torchvision transforms on PIL images):
   uniform in [0.1, 2.0] pixels, p=0.5) at every image size;
 * weak: ``RandomResizedCrop(scale=(0.2, 1))`` + horizontal flip.
 
-Every function takes a batch of float images in [0, 1] and a stateless seed
-(an int64 ``[2]`` tensor), so that the input pipeline can hand each batch a
-seed drawn from one base seed per input pipeline and epoch: replicas and
-epochs then see different randomness and a run is reproducible.  The
-reference behaviour of each operation (torchvision's crop parameters and
-colour operations, PIL's blur) is what the tests compare against.
+Each view and each random operation (``random_resized_crop``,
+``color_jitter``, ``random_grayscale``, ``gaussian_blur``) takes a batch of
+float images in [0, 1] and a stateless seed (an int64 ``[2]`` tensor), so that
+the input pipeline can hand each batch a seed drawn from one base seed per
+input pipeline and epoch: replicas and epochs then see different randomness
+and a run is reproducible.  An operation with parameters is built from a
+pair: ``draw_*`` draws the per-image parameters from a seed and ``apply_*``
+applies given parameters, so that the tests can compare the draws with the
+reference's distributions (torchvision's crop parameters and colour factors)
+and the application with its numerics (torchvision's colour operations, PIL's
+resize and blur) separately.
 
-Why not Keras's preprocessing layers (the house preference), measured and
-read before choosing:
+The operations are batched TensorFlow ops (``tf.image``, gathers and matrix
+products over the whole batch) rather than Keras's preprocessing layers, for
+three reasons:
 
 * torchvision's ``ColorJitter`` brightness *multiplies* by [0.6, 1.4] and
   applies its operations in a random order; Keras 3's ``RandomBrightness``
@@ -25,9 +31,9 @@ read before choosing:
   the identity), and ``RandomColorJitter`` uses a fixed order, so the layers
   would silently train a different recipe;
 * Keras has no random resized crop with torchvision's ten tries and
-  fallback, and keras-cv's per-image ``RandomCropAndResize`` ran at half the
-  speed of one batched ``tf.image.crop_and_resize`` here (about 2,500 vs
-  5,200 view pairs/s);
+  fallback, and keras-cv's per-image ``RandomCropAndResize`` runs at half the
+  speed of a batched crop (measured: about 2,500 vs 5,200 view pairs/s
+  against one batched ``tf.image.crop_and_resize``);
 * the layers draw from a stateful generator and take no per-call seed, so in
   a parallel ``tf.data`` map the batch-to-randomness mapping is not
   reproducible.
@@ -74,8 +80,8 @@ def _clip_unit(images):
                                   clip_value_max=tf.constant(1.0, images.dtype))
 
 
-def resized_crop_windows(seed, batch, height, width, *, scale=(0.08, 1.0),
-                         ratio=(3 / 4, 4 / 3), attempts=10):
+def draw_crop_windows(seed, batch, height, width, *, scale=(0.08, 1.0),
+                      ratio=(3 / 4, 4 / 3), attempts=10):
     """Integer crop windows ``(top, left, crop_height, crop_width)`` [B] each, drawn as
     torchvision's ``RandomResizedCrop.get_params`` draws them.
 
@@ -113,7 +119,7 @@ def resized_crop_windows(seed, batch, height, width, *, scale=(0.08, 1.0),
             pick(crop_w, fallback_w))
 
 
-def crop_and_resize_windows(images, windows, size, flip=None):
+def apply_crop_windows(images, windows, size, flip=None):
     """Bilinear resize of integer pixel windows to ``size`` x ``size`` as PIL resizes a
     cropped image (``crop(...).resize(..., BILINEAR)``): half-pixel centres, and sample
     positions clamped to the window, so the window's edge rows extend outwards.
@@ -144,25 +150,22 @@ def crop_and_resize_windows(images, windows, size, flip=None):
             + tf.gather(rows, x1, axis=2, batch_dims=1) * wx[:, None, :, None])
 
 
-def random_resized_crop(images, seed, *, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-                        flip_seed=None):
-    """torchvision's ``RandomResizedCrop(size, scale, ratio)``, per image, vectorised;
-    with ``flip_seed`` followed by ``random_flip`` with that seed, in the same pass."""
-    batch = _batch_size(images)
-    windows = resized_crop_windows(seed, batch, tf.shape(images)[1], tf.shape(images)[2],
-                                   scale=scale, ratio=ratio)
-    flip = None if flip_seed is None else _draw_flip(flip_seed, batch)
-    return crop_and_resize_windows(images, windows, size, flip=flip)
-
-
-def _draw_flip(seed, batch):
+def draw_flip(seed, batch):
+    """``flip`` [B] of torchvision's ``RandomHorizontalFlip()``: true with probability 1/2,
+    for ``apply_crop_windows``."""
     return _uniform(seed, batch) < 0.5
 
 
-def random_flip(images, seed):
-    """Mirrors each image left-right with probability 1/2."""
-    return _update_chosen(images, _draw_flip(seed, _batch_size(images)),
-                          lambda chosen: tf.reverse(chosen, axis=[2]))
+def random_resized_crop(images, seed, *, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                        flip_seed=None):
+    """torchvision's ``RandomResizedCrop(size, scale, ratio)``, per image, vectorised;
+    with ``flip_seed`` followed by ``RandomHorizontalFlip()`` drawn from that seed, in the
+    same pass."""
+    batch = _batch_size(images)
+    windows = draw_crop_windows(seed, batch, tf.shape(images)[1], tf.shape(images)[2],
+                                scale=scale, ratio=ratio)
+    flip = None if flip_seed is None else draw_flip(flip_seed, batch)
+    return apply_crop_windows(images, windows, size, flip=flip)
 
 
 # torchvision's _blend(image, other, factor) = clamp(factor * image + (1 - factor) * other)
@@ -173,9 +176,9 @@ def _brightness(images, factor):
 
 def _contrast(images, factor):
     mean = tf.reduce_mean(_grayscale(images), axis=[1, 2, 3], keepdims=True)
-    # (x - m) f + m, not torchvision's f x + (1 - f) m: the same value, and the rounding this
-    # pipeline has always had (the other form moves an ulp, which the blur's 8-bit rounding
-    # can turn into a grey level)
+    # (x - m) f + m, the same value as torchvision's f x + (1 - f) m, in the form whose
+    # rounding the recorded views pin (the other form moves an ulp, which the blur's 8-bit
+    # rounding can turn into a grey level)
     return _clip_unit((images - mean) * _per_image(factor) + mean)
 
 
@@ -194,7 +197,7 @@ def _hue(images, shift):
 _COLOR_OPS = (_brightness, _contrast, _saturation, _hue)
 
 
-def jitter_colors(images, factors, order, applied=None):
+def apply_color_jitter(images, factors, order, applied=None):
     """Applies brightness, contrast, saturation and hue with per-image ``factors`` [B, 4]
     (multipliers, multipliers, multipliers, hue shift) in the per-image ``order`` [B, 4]
     (a permutation of 0..3 per row), as torchvision's ColorJitter does with its
@@ -244,7 +247,7 @@ def color_jitter(images, seed, *, brightness=0.4, contrast=0.4, saturation=0.4, 
     factors, order, applied = draw_color_jitter(
         seed, _batch_size(images), brightness=brightness, contrast=contrast,
         saturation=saturation, hue=hue, p=p)
-    return jitter_colors(images, factors, order, applied)
+    return apply_color_jitter(images, factors, order, applied)
 
 
 def random_grayscale(images, seed, *, p=0.2):
@@ -307,19 +310,19 @@ def _box_pass_matrices(sigmas, box_radius, length):
     return tf.einsum("bt,itj->bij", weights, tf.one_hot(sources, length, dtype=tf.float64))
 
 
-def blur_with_sigmas(images, sigmas, radius):
+def apply_blur(images, sigmas, radius):
     """PIL's ``GaussianBlur(radius=sigma)`` of each image with its own ``sigmas`` [B]
     (pixels), computed as PIL computes it on 8-bit images: three box-blur passes along the
     rows, then three along the columns, edges extended, each pass rounded to 8 bits.
     ``radius`` is the support of the three passes together (``blur_radius``).
 
     Each pass is one batched matrix product (the pass's banded matrix per image, edge
-    extension folded in): at 32 px about half the time of the depthwise convolutions over
-    gathered edges it replaced.  Its work grows with the side length (a dense L x L matrix
-    for a few taps), so for much larger views the convolution form may be faster again; not
-    measured above 32 px.  The sums are PIL's 24-bit fixed point, exact in float64: float32
-    would round them, and with sigma 1 (weights 2/3, 1/6, 1/6) many pixels lie exactly on
-    a half grey level, where PIL's rounding then flips (half a level on average).
+    extension folded in): at 32 px about half the time of depthwise convolutions over
+    gathered edges.  Its work grows with the side length (a dense L x L matrix for a few
+    taps), so for much larger views the convolution form may be faster; not measured above
+    32 px.  The sums are PIL's 24-bit fixed point, exact in float64: float32 would round
+    them, and with sigma 1 (weights 2/3, 1/6, 1/6) many pixels lie exactly on a half grey
+    level, where PIL's rounding then flips (half a level on average).
     """
     batch = _batch_size(images)
     height, width, channels = tf.shape(images)[1], tf.shape(images)[2], images.shape[-1]
@@ -356,12 +359,13 @@ def gaussian_blur(images, seed, *, sigma=(0.1, 2.0), p=0.5):
     sigmas, applied = draw_blur(seed, _batch_size(images), sigma=sigma, p=p)
     radius = blur_radius(sigma[1])
     return _update_chosen(images, applied,
-                          lambda chosen, chosen_sigmas: blur_with_sigmas(chosen, chosen_sigmas,
-                                                                         radius), sigmas)
+                          lambda chosen, chosen_sigmas: apply_blur(chosen, chosen_sigmas, radius),
+                          sigmas)
 
 
 def weak_view(images, seed, *, size, scale=(0.2, 1.0), flip=True):
-    """Crop + flip: the key's view (``flip=False`` for data whose mirror image means else, e.g. digits)."""
+    """Crop + flip: the key's view (``flip=False`` for data whose mirror image means something
+    else, e.g. digits)."""
     crop_seed, flip_seed = _split(seed, 2)
     return random_resized_crop(images, crop_seed, size=size, scale=scale,
                                flip_seed=flip_seed if flip else None)

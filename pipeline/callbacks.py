@@ -1,19 +1,16 @@
-"""Keras callbacks for pre-training runs: kNN monitor, history file, views, divergence."""
+"""Keras callbacks for pre-training runs: kNN monitor, checkpoints, history, backup, views,
+divergence."""
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
 import time
 
-import h5py
 import keras
 import numpy as np
 import tensorflow as tf
 
 from pipeline import data, evaluate
-from pipeline.run_dir import BEST_INFO
 
 
 class KNNMonitor(keras.callbacks.Callback):
@@ -68,25 +65,19 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
 
     Where the stock callback falls short: the kNN score exists only on the epochs the
     monitor runs, and the stock callback warns on every other epoch; and a resumed run
-    must not forget its best so far, so it starts from the score in ``best.json``.
+    must not forget its best so far, so it starts from the score in ``best.json`` (the
+    chief's: every worker must start from the same best score, or they would save on
+    different epochs).
     """
 
     MONITOR = "val_knn_top1"
 
-    def __init__(self, path, *, split_description, restore_dir=None):
-        """``restore_dir``: where a resumed run's ``best.json`` is (the chief's
-        checkpoints folder when this worker writes elsewhere); ``path``'s folder by default.
-        Every worker must start from the same best score, or they would save on different
-        epochs."""
-        self.info_path = os.path.join(os.path.dirname(path), BEST_INFO)
-        previous_path = os.path.join(restore_dir or os.path.dirname(path), BEST_INFO)
-        previous = None
-        if os.path.exists(previous_path):
-            with open(previous_path) as handle:
-                previous = json.load(handle)["knn_top1"]
-        super().__init__(path, monitor=self.MONITOR, mode="max", save_best_only=True,
-                         save_weights_only=True, initial_value_threshold=previous)
-        self.split_description = split_description
+    def __init__(self, run, *, split_description):
+        previous = run.read_best()
+        super().__init__(run.checkpoint_to_write("best"), monitor=self.MONITOR, mode="max",
+                         save_best_only=True, save_weights_only=True,
+                         initial_value_threshold=previous["knn_top1"] if previous else None)
+        self.run, self.split_description = run, split_description
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or self.MONITOR not in logs:
@@ -94,9 +85,8 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         before = self.best
         super().on_epoch_end(epoch, logs)
         if self.best != before:
-            with open(self.info_path, "w") as handle:
-                json.dump({"epoch": epoch + 1, "knn_top1": float(logs[self.MONITOR]),
-                           "split": self.split_description}, handle)
+            self.run.write_best(epoch=epoch + 1, knn_top1=float(logs[self.MONITOR]),
+                                split=self.split_description)
 
 
 class EpochCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -144,27 +134,20 @@ class HistoryFile(keras.callbacks.Callback):
     resumed run starts from, and rewritten after every epoch.
     """
 
-    def __init__(self, path):
+    def __init__(self, run):
         super().__init__()
-        self.path = path
+        self.run = run
         self.records = None
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.records is None:
-            records = []
-            if os.path.exists(self.path):
-                with open(self.path) as handle:
-                    records = json.load(handle)
-            self.records = [r for r in records if r["epoch"] <= epoch]
+            self.records = [r for r in self.run.read_history() if r["epoch"] <= epoch]
 
     def on_epoch_end(self, epoch, logs=None):
         record = {"epoch": epoch + 1}
         record.update({key: float(value) for key, value in (logs or {}).items()})
         self.records.append(record)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as handle:
-            json.dump(self.records, handle, indent=1)
-        os.replace(tmp, self.path)
+        self.run.write_history(self.records)
 
 
 class ViewImages(keras.callbacks.Callback):
@@ -190,152 +173,52 @@ class ViewImages(keras.callbacks.Callback):
         writer.close()
 
 
-class StopOnNaN(keras.callbacks.TerminateOnNaN):
-    """``TerminateOnNaN`` that remembers where and why, so the run can fail with a clear message."""
+class Diverged(RuntimeError):
+    """Training diverged; raised out of ``fit`` by ``StopOnNaN``."""
 
-    def __init__(self):
-        super().__init__()
-        self.message = None
 
-    def on_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not np.isfinite(loss):
-            self.message = (
-                f"training diverged: the loss became {loss} at step {batch} of epoch "
-                f"{getattr(self, '_epoch', 0) + 1}; lower optimizer.lr, raise ascl.t1, or use "
-                f"mixed_precision: none. The last checkpoint and backup are kept.")
-            self.model.stop_training = True
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops training at the first step whose loss is not finite, by raising ``Diverged``.
+
+    Raising, rather than setting ``stop_training`` as ``TerminateOnNaN`` does, is what keeps
+    diverged weights out of every file: Keras runs every callback's ``on_epoch_end`` after
+    ``stop_training``, so the backup, the epoch checkpoint and ``best`` would save the NaN
+    weights (and a rerun would resume from them).  An exception ends ``fit`` on the spot, and
+    the last good backup, checkpoints and ``best`` stay as they were.
+    """
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
-
-class UnlessDiverged(keras.callbacks.Callback):
-    """Runs ``callback`` as it is, except its end-of-step and end-of-epoch hooks once the NaN
-    guard has fired.
-
-    When ``StopOnNaN`` stops training, Keras still runs every callback's ``on_epoch_end``:
-    ``BackupAndRestore`` would back up the NaN weights as the next epoch (a rerun would
-    resume from them), ``ModelCheckpoint`` could write them as an epoch checkpoint or as
-    ``best``, and the kNN monitor would score them.  Wrapped, they leave the last good
-    state as it is.
-    """
-
-    def __init__(self, callback, nan_guard):
-        super().__init__()
-        self.callback, self.nan_guard = callback, nan_guard
-
-    def set_model(self, model):
-        super().set_model(model)
-        self.callback.set_model(model)
-
-    def set_params(self, params):
-        super().set_params(params)
-        self.callback.set_params(params)
-
-    def on_train_begin(self, logs=None):
-        self.callback.on_train_begin(logs)
-
-    def on_train_end(self, logs=None):
-        self.callback.on_train_end(logs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.callback.on_epoch_begin(epoch, logs)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.callback.on_train_batch_begin(batch, logs)
-
     def on_train_batch_end(self, batch, logs=None):
-        if not self.nan_guard.message:
-            self.callback.on_train_batch_end(batch, logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.nan_guard.message:
-            self.callback.on_epoch_end(epoch, logs)
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            raise Diverged(
+                f"training diverged: the loss became {loss} at step {batch} of epoch "
+                f"{getattr(self, '_epoch', 0) + 1}; lower optimizer.lr, raise ascl.t1, or use "
+                f"mixed_precision: none. The last checkpoint and backup are kept.")
 
 
-def _backup_epoch(weights, metadata):
-    """The epoch of a consistent backup pair, or None when either file is missing, damaged
-    or from another save than its partner.
+class Backup(keras.callbacks.Callback):
+    """Restores the run's backup when training starts and backs up after every epoch.
 
-    Pairs written by ``ClusterBackupAndRestore`` carry the weights' sha256 in their
-    metadata; pairs of the stock callback (no digest) must at least read back in full.
-    """
-    if not (os.path.exists(weights) and os.path.exists(metadata)):
-        return None
-    try:
-        with open(metadata) as handle:
-            info = json.load(handle)
-        epoch = int(info["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if "weights_sha256" in info:
-        return epoch if _sha256(weights) == info["weights_sha256"] else None
-    try:
-        with h5py.File(weights, "r") as handle:
-            handle.visititems(lambda _, item: item[()] if isinstance(item, h5py.Dataset)
-                              else None)
-    except (OSError, KeyError, ValueError, RuntimeError):
-        return None
-    return epoch
+    ``BackupAndRestore`` restores from and saves to one folder; in a cluster every worker
+    must restore the *chief's* backup, on storage they share, but only the chief may write
+    there (``RunDir``: reads from ``path``, writes to ``write_path``).  And a kill in the
+    middle of its save can leave weights and metadata of different epochs, or a half-written
+    file, which it may restore, or copy over the good previous backup at its next save;
+    ``RunDir.write_backup`` and ``readable_backup`` rule both out.
 
-
-def _backup_paths(backup_dir, suffix=""):
-    return (os.path.join(backup_dir, "latest.weights.h5" + suffix),
-            os.path.join(backup_dir, "training_metadata.json" + suffix))
-
-
-def readable_backup(backup_dir):
-    """``(weights path or None, epochs done)`` of the backup a resumed run restores: the
-    latest pair when it is whole and consistent, else the previous one (``*.bkp``), else
-    none.  The one policy for the trainer (to skip the batches already trained on) and for
-    ``ClusterBackupAndRestore`` (to load them)."""
-    for suffix in ("", ".bkp"):
-        weights, metadata = _backup_paths(backup_dir, suffix)
-        epoch = _backup_epoch(weights, metadata)
-        if epoch is not None:
-            return weights, epoch
-    return None, 0
-
-
-def _replace_with_copy(source, target):
-    shutil.copyfile(source, target + ".tmp")
-    os.replace(target + ".tmp", target)
-
-
-class ClusterBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` for runs that may span several workers and be killed any time.
-
-    Where the stock callback falls short:
-
-    * it restores from and saves to one folder.  In a cluster every worker must restore
-      the *chief's* backup (``restore_dir``, on storage they share) but only the chief may
-      write there; other workers save to their own ``backup_dir``, as Keras's multi-worker
-      guide has them do.  Restoring never writes.
-    * a kill in the middle of a save can leave weights and metadata of different epochs, or
-      a half-written file, which the stock callback may restore, or copy over the good
-      previous backup at its next save.  Here every file is written to a temporary name and
-      renamed into place, the metadata records the weights' sha256, restoring takes the
-      newest *consistent* pair (``readable_backup``), and only a consistent latest pair
-      becomes the previous one.
-
-    Keeps two backups and never deletes them.
+    Restoring sets the weights only: the trainer passes the epochs done to ``fit`` as
+    ``initial_epoch`` (from the same ``readable_backup``) and skips their batches.
     """
 
-    def __init__(self, backup_dir, *, restore_dir=None):
-        super().__init__(backup_dir, double_checkpoint=True, delete_checkpoint=False)
-        self.restore_dir = restore_dir or backup_dir
+    def __init__(self, run):
+        super().__init__()
+        self.run = run
 
     def on_train_begin(self, logs=None):
-        weights, epoch = readable_backup(self.restore_dir)
+        weights, _ = self.run.readable_backup()
         if weights is None:
             return
         if self.model.optimizer is not None and not self.model.optimizer.built:
@@ -347,19 +230,6 @@ class ClusterBackupAndRestore(keras.callbacks.BackupAndRestore):
                 copy = os.path.join(folder, "previous.weights.h5")
                 shutil.copyfile(weights, copy)
                 self.model.load_weights(copy)
-        self.model._initial_epoch = epoch  # what the stock callback sets
 
-    def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        latest = _backup_paths(self.backup_dir)
-        if _backup_epoch(*latest) is not None:
-            for path, previous in zip(latest, _backup_paths(self.backup_dir, ".bkp")):
-                _replace_with_copy(path, previous)
-        saving = os.path.join(self.backup_dir, "saving.weights.h5")
-        self.model.save_weights(saving, overwrite=True)
-        digest = _sha256(saving)
-        os.replace(saving, self._weights_path)
-        with open(self._training_metadata_path + ".tmp", "w") as handle:
-            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                       "weights_sha256": digest}, handle)
-        os.replace(self._training_metadata_path + ".tmp", self._training_metadata_path)
+    def on_epoch_end(self, epoch, logs=None):
+        self.run.write_backup(self.model, epoch + 1)

@@ -1,8 +1,10 @@
 """The ``ascl`` command line: thin glue over the pipeline's functions.
 
 Each subcommand's work lives in its own module; this one builds the parser,
-dispatches, and turns the errors users can fix (bad config, missing dataset,
-existing output) into one-line messages and exit status 2.
+dispatches, and turns the errors users can fix (``beam_jobs.errors.InputError``: a bad
+config or flag, a missing dataset or run, an existing output) into one-line messages and
+exit status 2, and a training that cannot finish into exit status 1.  Any other exception
+is a bug and keeps its traceback.
 """
 
 import argparse
@@ -88,7 +90,72 @@ def _demo(args):
     return 0
 
 
-def build_parser():
+def _run_dir_parent():
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--run-dir", required=True,
+                        help="the run folder (`ascl train` writes checkpoints, logs and history "
+                             "there)")
+    return parent
+
+
+def _checkpoint_parent():
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--checkpoint", default="last",
+                        help="last (default), best (by kNN on the validation hold-out) or a "
+                             "weights path")
+    return parent
+
+
+def _add_train_arguments(train):
+    from pipeline.config import choices_of  # TensorFlow: only when the command is train
+
+    train.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. --set optimizer.lr=0.03 (repeatable)")
+    train.add_argument("--strategy", choices=choices_of("train.strategy"),
+                       help="distribution strategy (default: the config's train.strategy)")
+    train.add_argument("--mixed-precision", choices=choices_of("train.mixed_precision"),
+                       help="auto (the default): mixed_bfloat16 on CPUs with AVX512_BF16 or AMX "
+                            "and GPUs of compute capability >= 8.0, float32 elsewhere")
+    train.add_argument("--jit-compile", choices=choices_of("train.jit_compile"), help="XLA")
+    train.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume a run although its settings changed (recorded in "
+                            "RUN/config_changes.jsonl); without it only a larger "
+                            "train.epochs is accepted")
+
+
+def _add_export_arguments(export):
+    from pipeline.export import EXPORT_PRECISIONS  # TensorFlow: only when the command is export
+    from pipeline.gallery import STORAGE_DTYPES
+
+    export.add_argument("--name", required=True, help="model name (saved_models/NAME/VERSION)")
+    export.add_argument("--version", type=int, help="default: the next integer")
+    export.add_argument("--base-dir", default="saved_models")
+    export.add_argument("--gallery", metavar="EMBED_OUTPUT",
+                        help="an `ascl embed` output folder, embedded with an export of the same "
+                             "run and checkpoint: adds the `neighbors` and "
+                             "`neighbors_of_embedding` signatures (similar-image search)")
+    export.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    export.add_argument("--gallery-dtype", default="float32", choices=list(STORAGE_DTYPES),
+                        help="how the gallery is stored and searched (bfloat16: half the "
+                             "memory; see BENCHMARKS.md for its recall)")
+    export.add_argument("--precision", default="float32", choices=list(EXPORT_PRECISIONS),
+                        help="compute of the backbone and projector in the serving graph "
+                             "(bfloat16: faster only on CPUs with AVX512_BF16 or AMX, and "
+                             "GPUs; outputs stay float32 and unit-norm; see BENCHMARKS.md)")
+    export.add_argument("--max-pixels", type=int, default=40_000_000,
+                        help="largest image (width x height, read from its header before "
+                             "decoding) that the serving graph accepts; larger ones are "
+                             "refused, so that one image cannot take the server's memory "
+                             "(default 40,000,000)")
+
+
+def build_parser(command=None):
+    """The ``ascl`` parser.  ``command``: the subcommand about to be parsed, when known; the
+    flags of train and export take their choices from modules that import TensorFlow, so
+    they are added only for that command (or for every command when None), which keeps
+    ``ascl --help`` and the other commands' help instant."""
     parser = argparse.ArgumentParser(
         prog="ascl",
         description="Adaptive Soft Contrastive Learning (Feng & Patras, ICPR 2022) in "
@@ -98,64 +165,28 @@ def build_parser():
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in PASSTHROUGH.items():
         subcommands.add_parser(name, help=help_text, add_help=False)
+    run_dir, checkpoint = _run_dir_parent(), _checkpoint_parent()
     train = subcommands.add_parser(
-        "train", help="pre-train an ASCL encoder on a prepared dataset (resumes if interrupted)",
+        "train", parents=[run_dir],
+        help="pre-train an ASCL encoder on a prepared dataset (resumes if interrupted)",
         description="Pre-train with model.fit. Rerunning the same command after an "
                     "interruption resumes from the last epoch backup.")
-    train.add_argument("--config", required=True, help="experiment YAML (see configs/)")
-    train.add_argument("--run-dir", required=True, help="where checkpoints, logs and history go")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config value, e.g. --set optimizer.lr=0.03 (repeatable)")
-    train.add_argument("--strategy", choices=["auto", "default", "mirrored", "multi_worker"],
-                       help="distribution strategy (default: the config's train.strategy)")
-    train.add_argument("--mixed-precision",
-                       choices=["auto", "none", "mixed_bfloat16", "mixed_float16"],
-                       help="auto (the default): mixed_bfloat16 on CPUs with AVX512_BF16 or AMX "
-                            "and GPUs of compute capability >= 8.0, float32 elsewhere")
-    train.add_argument("--jit-compile", choices=["auto", "on", "off"], help="XLA")
-    train.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
-    train.add_argument("--allow-config-change", action="store_true",
-                       help="resume a run although its settings changed (recorded in "
-                            "RUN/config_changes.jsonl); without it only a larger "
-                            "train.epochs is accepted")
+    if command in (None, "train"):
+        _add_train_arguments(train)
     train.set_defaults(handler=_train)
 
     evaluate = subcommands.add_parser(
-        "evaluate", help="kNN, linear probe and raw-pixel baseline for a trained run")
-    evaluate.add_argument("--run-dir", required=True)
-    evaluate.add_argument("--checkpoint", default="last",
-                          help="last (default), best (by kNN on the validation hold-out) or a "
-                               "weights path")
+        "evaluate", parents=[run_dir, checkpoint],
+        help="kNN, linear probe and raw-pixel baseline for a trained run")
     evaluate.add_argument("--output", help="report path (default RUN/evaluation.json)")
     evaluate.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     evaluate.set_defaults(handler=_evaluate)
 
     export = subcommands.add_parser(
-        "export", help="export a run's encoder as a SavedModel for TF Serving")
-    export.add_argument("--run-dir", required=True)
-    export.add_argument("--checkpoint", default="last",
-                        help="last (default), best (by kNN on the validation hold-out) or a "
-                             "weights path")
-    export.add_argument("--name", required=True, help="model name (saved_models/NAME/VERSION)")
-    export.add_argument("--version", type=int, help="default: the next integer")
-    export.add_argument("--base-dir", default="saved_models")
-    export.add_argument("--gallery", metavar="EMBED_OUTPUT",
-                        help="an `ascl embed` output folder, embedded with an export of the same "
-                             "run and checkpoint: adds the `neighbors` and "
-                             "`neighbors_of_embedding` signatures (similar-image search)")
-    export.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
-    export.add_argument("--gallery-dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="how the gallery is stored and searched (bfloat16: half the "
-                             "memory; see BENCHMARKS.md for its recall)")
-    export.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                        help="compute of the backbone and projector in the serving graph "
-                             "(bfloat16: faster only on CPUs with AVX512_BF16 or AMX, and "
-                             "GPUs; outputs stay float32 and unit-norm; see BENCHMARKS.md)")
-    export.add_argument("--max-pixels", type=int, default=40_000_000,
-                        help="largest image (width x height, read from its header before "
-                             "decoding) that the serving graph accepts; larger ones are "
-                             "refused, so that one image cannot take the server's memory "
-                             "(default 40,000,000)")
+        "export", parents=[run_dir, checkpoint],
+        help="export a run's encoder as a SavedModel for TF Serving")
+    if command in (None, "export"):
+        _add_export_arguments(export)
     export.set_defaults(handler=_export)
 
     search = subcommands.add_parser(
@@ -226,28 +257,31 @@ def quiet_tensorflow_startup():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and not {"-h", "--help", "--version"} & set(argv):
-        quiet_tensorflow_startup()
+    command = argv[0] if argv else ""
+    if command in ("train", "export", *PASSTHROUGH) or (
+            argv and not {"-h", "--help", "--version"} & set(argv)):
+        quiet_tensorflow_startup()  # even for --help: these commands' parsers import it
     if argv and argv[0] in PASSTHROUGH:
         import importlib
 
+        from beam_jobs.errors import InputError
+
         try:
             return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
-        except (ValueError, FileExistsError, FileNotFoundError) as error:
+        except InputError as error:
             print(f"ascl {argv[0]}: error: {error}", file=sys.stderr)
             return 2
-    parser = build_parser()
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    from pipeline.config import ConfigError
-    from pipeline.prepared_dataset import DatasetError
+    from beam_jobs.errors import InputError
     from pipeline.train import TrainingError
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except InputError as error:  # what the user can fix; anything else shows its traceback
         print(f"ascl {args.command}: error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:

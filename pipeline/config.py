@@ -15,13 +15,14 @@ import typing
 
 import yaml
 
+from beam_jobs.errors import InputError
 from models.backbones import BACKBONES, STEMS
 from models.momentum_encoder import MOMENTUM_SCHEDULES
 from models.normalization import NORMALIZATIONS
 from models.objective import BYOL_MODES, MODES
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem; the message names the offending ``section.key``."""
 
 
@@ -57,6 +58,12 @@ def _with_byol_recipe(raw):
     return filled
 
 
+def _one_of(default, choices):
+    """A field whose value must be one of ``choices``: declared here once, ``validate`` and
+    the CLI's ``choices`` read them (``choices_of``)."""
+    return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
+
+
 @dataclasses.dataclass
 class DataConfig:
     dataset: str = ""                 # folder written by `ascl prepare` (local or gs://)
@@ -65,7 +72,7 @@ class DataConfig:
     validation_size: float = 0.1      # held out of train_split (never pre-trained on) to choose
                                       # the `best` checkpoint by kNN: a count if >= 1, a fraction
                                       # if < 1, 0 for none (then there is no `best`)
-    key_view: str = "weak"            # "weak" (crop + flip) or "strong" (the paper's ablation)
+    key_view: str = _one_of("weak", ("weak", "strong"))  # "weak" (crop + flip) or "strong" (the paper's ablation)
     blur: bool = True                 # Gaussian blur in the strong view (p 0.5, sigma 0.1-2 px),
                                       # at every image size as in the reference
     crop_min_scale: float = 0.2
@@ -78,22 +85,22 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    backbone: str = "resnet18"
-    stem: str = "cifar"
-    norm: str = "split"
+    backbone: str = _one_of("resnet18", BACKBONES)
+    stem: str = _one_of("cifar", STEMS)
+    norm: str = _one_of("split", NORMALIZATIONS)
     bn_splits: int = 8
     cnn_widths: typing.List[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])  # small_cnn
     projector_hidden: typing.List[int] = dataclasses.field(default_factory=lambda: [2048])
     projector_dim: int = 128
-    projector_norm: str = "none"
+    projector_norm: str = _one_of("none", NORMALIZATIONS)
     predictor_hidden: typing.List[int] = dataclasses.field(default_factory=lambda: [512])
                                       # ascl.framework byol: the predictor projector_dim ->
-    predictor_norm: str = "batch"     # hidden -> projector_dim (reference: 512, batch norm)
+    predictor_norm: str = _one_of("batch", NORMALIZATIONS)  # hidden -> projector_dim (reference: 512, batch norm)
 
 
 @dataclasses.dataclass
 class AsclConfig:
-    framework: str = "moco"           # moco: memory queue (ASCLModel); byol: in-batch neighbours,
+    framework: str = _one_of("moco", ("moco", "byol"))  # moco: memory queue (ASCLModel); byol: in-batch neighbours,
                                       # predictor, no queue (BYOLModel)
     mode: str = "ascl"                # moco: ascl | ahcl | hard | moco; byol: ascl | byol
     memory_size: int = 4096           # moco only
@@ -103,8 +110,8 @@ class AsclConfig:
     num_neighbors: int = 5
     shuffle_keys: bool = True         # moco only (BYOL's target has no key shuffle)
     symmetric: bool = False           # byol only: add the weak-predicts-strong direction
-    momentum_schedule: str = "constant"  # constant | cosine (BYOL's: momentum -> 1)
-    byol_recipe: str = "project"      # byol only: the defaults of the keys a config leaves
+    momentum_schedule: str = _one_of("constant", MOMENTUM_SCHEDULES)  # constant | cosine (BYOL's: momentum -> 1)
+    byol_recipe: str = _one_of("project", BYOL_RECIPES)  # byol only: the defaults of the keys a config leaves
                                       # unset (BYOL_RECIPES): project (learns at small scale)
                                       # or reference (the official code's; does not learn)
 
@@ -113,7 +120,7 @@ class AsclConfig:
 class OptimizerConfig:
     batch_size: int = 256             # global batch size
     lr: float = 0.03                  # base learning rate at reference_batch_size (reference)
-    lr_scaling: str = "linear"        # "linear": lr * batch_size / reference_batch_size; "none"
+    lr_scaling: str = _one_of("linear", ("linear", "none"))  # "linear": lr * batch_size / reference_batch_size; "none"
     reference_batch_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 5e-4        # L2 on every trainable weight, as torch.optim.SGD does
@@ -127,15 +134,18 @@ class TrainConfig:
     deterministic: bool = False       # true: also TensorFlow's op determinism (same seed and
                                       # machine give identical weights; measured cost in
                                       # BENCHMARKS.md); process-wide once on
-    strategy: str = "auto"            # auto | default | mirrored | multi_worker
-    mixed_precision: str = "auto"     # auto | none | mixed_bfloat16 | mixed_float16; auto:
+    strategy: str = _one_of("auto", ("auto", "default", "mirrored", "multi_worker"))
+                                      # auto | default | mirrored | multi_worker
+    mixed_precision: str = _one_of("auto", ("auto", "none", "mixed_bfloat16",
+                                             "mixed_float16"))
+                                      # auto | none | mixed_bfloat16 | mixed_float16; auto:
                                       # bfloat16 where the hardware has it (pipeline.precision)
-    jit_compile: str = "auto"         # auto | on | off
+    jit_compile: str = _one_of("auto", ("auto", "on", "off"))  # auto | on | off
     steps_per_execution: int = 1
     checkpoint_every: int = 10        # epochs between checkpoints
     knn_every: int = 10               # epochs between kNN evaluations (0: never)
     view_images: int = 4              # augmented pairs written to TensorBoard at the start
-    verbose: int = 1                  # Keras progress: 1 progress bar, 2 one line per epoch, 0 silent
+    verbose: int = _one_of(1, (0, 1, 2))  # Keras progress: 1 progress bar, 2 one line per epoch, 0 silent
 
 
 @dataclasses.dataclass
@@ -170,6 +180,14 @@ class Config:
 
 # YAML 1.1 reads these as booleans unquoted; quoted, they arrive as strings.
 _BOOL_WORDS = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+
+
+def choices_of(path):
+    """The choices of the setting ``section.key`` (for the CLI's ``choices``)."""
+    section, key = path.split(".")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    (field,) = [f for f in dataclasses.fields(fields[section].default_factory) if f.name == key]
+    return list(field.metadata["choices"])
 
 
 def _suggest(name, choices):
@@ -227,7 +245,12 @@ def validate(config):
     """Range and consistency checks; raises ``ConfigError`` naming the key."""
     d, m, a, o, t, e = (config.data, config.model, config.ascl, config.optimizer, config.train,
                         config.evaluation)
-    _choice("data.key_view", d.key_view, ("weak", "strong"))
+    for section in dataclasses.fields(config):  # every field declared with _one_of
+        values = getattr(config, section.name)
+        for field in dataclasses.fields(values):
+            if "choices" in field.metadata:
+                _choice(f"{section.name}.{field.name}", getattr(values, field.name),
+                        field.metadata["choices"])
     if d.validation_size < 0:
         raise ConfigError(f"data.validation_size must be >= 0 (a count if >= 1, a fraction if "
                           f"< 1), received {d.validation_size!r}")
@@ -239,10 +262,6 @@ def validate(config):
     _at_least("data.shuffle_buffer", d.shuffle_buffer, 1)
     _at_least("data.train_limit", d.train_limit, 0)
     _at_least("data.eval_limit", d.eval_limit, 0)
-    _choice("model.backbone", m.backbone, BACKBONES)
-    _choice("model.stem", m.stem, STEMS)
-    _choice("model.norm", m.norm, NORMALIZATIONS)
-    _choice("model.projector_norm", m.projector_norm, NORMALIZATIONS)
     _at_least("model.bn_splits", m.bn_splits, 1)
     _at_least("model.projector_dim", m.projector_dim, 1)
     for index, width in enumerate(m.cnn_widths):
@@ -251,8 +270,6 @@ def validate(config):
         _at_least(f"model.projector_hidden[{index}]", width, 1)
     for index, width in enumerate(m.predictor_hidden):
         _at_least(f"model.predictor_hidden[{index}]", width, 1)
-    _choice("model.predictor_norm", m.predictor_norm, NORMALIZATIONS)
-    _choice("ascl.framework", a.framework, ("moco", "byol"))
     modes = MODES if a.framework == "moco" else BYOL_MODES
     if a.mode not in modes:
         raise ConfigError(f"ascl.mode must be one of {list(modes)} with ascl.framework "
@@ -264,8 +281,6 @@ def validate(config):
                           f"received {a.num_neighbors}")
     if not 0.0 <= a.momentum <= 1.0:
         raise ConfigError(f"ascl.momentum must be in [0, 1], received {a.momentum!r}")
-    _choice("ascl.momentum_schedule", a.momentum_schedule, MOMENTUM_SCHEDULES)
-    _choice("ascl.byol_recipe", a.byol_recipe, BYOL_RECIPES)
     if a.symmetric and a.framework != "byol":
         raise ConfigError("ascl.symmetric is a BYOL-form option (ascl.framework byol); "
                           f"received it with ascl.framework {a.framework}")
@@ -273,22 +288,16 @@ def validate(config):
     _positive("ascl.t2", a.t2)
     _at_least("optimizer.batch_size", o.batch_size, 2 if a.framework == "byol" else 1)
     _positive("optimizer.lr", o.lr)
-    _choice("optimizer.lr_scaling", o.lr_scaling, ("linear", "none"))
     _at_least("optimizer.reference_batch_size", o.reference_batch_size, 1)
     if not 0.0 <= o.momentum < 1.0:
         raise ConfigError(f"optimizer.momentum must be in [0, 1), received {o.momentum!r}")
     _at_least("optimizer.weight_decay", o.weight_decay, 0.0)
     _at_least("optimizer.warmup_epochs", o.warmup_epochs, 0.0)
     _at_least("train.epochs", t.epochs, 1)
-    _choice("train.strategy", t.strategy, ("auto", "default", "mirrored", "multi_worker"))
-    _choice("train.mixed_precision", t.mixed_precision,
-            ("auto", "none", "mixed_bfloat16", "mixed_float16"))
-    _choice("train.jit_compile", t.jit_compile, ("auto", "on", "off"))
     _at_least("train.steps_per_execution", t.steps_per_execution, 1)
     _at_least("train.checkpoint_every", t.checkpoint_every, 1)
     _at_least("train.knn_every", t.knn_every, 0)
     _at_least("train.view_images", t.view_images, 0)
-    _choice("train.verbose", t.verbose, (0, 1, 2))
     _at_least("evaluation.knn_k", e.knn_k, 1)
     _positive("evaluation.knn_temperature", e.knn_temperature)
     _at_least("evaluation.batch_size", e.batch_size, 1)

@@ -20,8 +20,9 @@ replica and every epoch draws different augmentations from one seed.
 import numpy as np
 import tensorflow as tf
 
+from beam_jobs.dataset_format import DatasetError, split_shards
 from pipeline import augment, splits
-from pipeline.prepared_dataset import DatasetError, read_split, split_shards
+from pipeline.prepared_dataset import read_split
 
 CACHE_LIMIT_BYTES = 4 * 2 ** 30
 
@@ -131,7 +132,7 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
     """Two-view batches for ``ASCLModel.fit``.
 
     Args:
-      manifest: from ``pipeline.prepared_dataset.load_manifest``.
+      manifest: from ``beam_jobs.dataset_format.load_manifest``.
       batch_size: the *global* batch size; each input pipeline batches
         ``input_context.get_per_replica_batch_size(batch_size)``.
       seed: base seed of shuffling and augmentation.

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 
+from beam_jobs.errors import OutputExists
 from beam_jobs.prepare import run as prepare
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate_run
@@ -60,10 +61,10 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False,
     start = time.perf_counter()
     marker = os.path.join(workdir, DEMO_MARKER)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise FileExistsError(f"--workdir {workdir} is a file, not a folder")
+        raise OutputExists(f"--workdir {workdir} is a file, not a folder")
     if os.path.exists(workdir) and os.listdir(workdir):
         if not os.path.exists(marker):
-            raise FileExistsError(
+            raise OutputExists(
                 f"{workdir} exists and was not made by `ascl demo` (no {DEMO_MARKER} in it); "
                 f"the demo replaces its workdir, so pass another --workdir or remove it yourself")
         shutil.rmtree(workdir)

@@ -8,7 +8,6 @@ raw-pixel baseline, so a report shows what self-supervision bought; likewise the
 linear probe's baseline is the same linear classifier trained on the pixels.
 """
 
-import json
 import os
 
 import keras
@@ -16,7 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data
-from pipeline.run_dir import checkpoint_info, load_trained_model
+from beam_jobs.atomic_json import write_json
+from pipeline.run_dir import RunDir, load_trained_model
 
 
 def embed(encoder, dataset, *, normalize=True):
@@ -184,11 +184,6 @@ def write_projector(backbone, manifest, split, log_dir, *, samples, batch_size):
     return len(labels)
 
 
-def write_report(report, path):
-    with open(path, "w") as handle:
-        json.dump(report, handle, indent=2)
-
-
 def evaluate_run(run_dir, *, checkpoint="last", output=None, linear=True, verbose=0):
     """kNN, linear probe and raw-pixel baseline for a trained run; writes the JSON report.
 
@@ -199,6 +194,7 @@ def evaluate_run(run_dir, *, checkpoint="last", output=None, linear=True, verbos
     trains on it.  Also writes a sample of test embeddings for TensorBoard's
     projector under ``RUN/tensorboard/projector``.  Returns the report.
     """
+    run = RunDir(run_dir)
     model, config, manifest = load_trained_model(run_dir, checkpoint)
     e, d = config.evaluation, config.data
     limit = d.eval_limit
@@ -206,7 +202,7 @@ def evaluate_run(run_dir, *, checkpoint="last", output=None, linear=True, verbos
                   eval_split=data.splits.Selection(d.eval_split, limit=limit))
     knn = dict(k=e.knn_k, temperature=e.knn_temperature, batch_size=e.batch_size)
     report = {
-        "run_dir": run_dir, "checkpoint": checkpoint_info(run_dir, checkpoint),
+        "run_dir": run_dir, "checkpoint": run.checkpoint_info(checkpoint),
         "dataset": d.dataset, "train_split": splits["train_split"].description,
         "eval_split": splits["eval_split"].description,
         "knn": {**encoder_knn(model.backbone, manifest, **splits, **knn),
@@ -224,9 +220,9 @@ def evaluate_run(run_dir, *, checkpoint="last", output=None, linear=True, verbos
                 pixel_encoder(model.backbone.input_shape[1:]), manifest, **splits, **probe)
     if e.projector_samples:
         report["projector"] = {
-            "log_dir": os.path.join(run_dir, "tensorboard", "projector"),
+            "log_dir": os.path.join(run.tensorboard, "projector"),
             "samples": write_projector(model.backbone, manifest, d.eval_split,
-                                       os.path.join(run_dir, "tensorboard", "projector"),
+                                       os.path.join(run.tensorboard, "projector"),
                                        samples=e.projector_samples, batch_size=e.batch_size)}
-    write_report(report, output or os.path.join(run_dir, "evaluation.json"))
+    write_json(output or run.evaluation_path, report, indent=2)
     return report

@@ -10,9 +10,9 @@ float32 or, with ``--precision bfloat16``, in bfloat16 (outputs float32 either w
   ``pipeline.image_guard``) ->
   ``embedding`` (``float32 [None, F]``, L2-normalised backbone features) and
   ``projection`` (``float32 [None, D]``, L2-normalised projector output).
-  Decoding, resizing (``pipeline.image_policy``: the largest centred square,
-  resized, exactly as the preparation job does it) and normalisation with the
-  dataset's mean and std run in the graph.
+  Decoding, resizing (``beam_jobs.dataset_format.square_crop_and_resize``: the
+  largest centred square, resized, exactly as the preparation job does it) and
+  normalisation with the dataset's mean and std run in the graph.
 * ``embed_pixels``: ``images`` (``uint8 [None, H, W, 3]``) -> the same outputs.
 
 With a gallery (``ascl export --gallery EMBED_OUTPUT``, ``pipeline.gallery``)
@@ -47,11 +47,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from beam_jobs.errors import InputError, OutputExists
+from beam_jobs.dataset_format import square_crop_and_resize
 from pipeline.data import channel_statistics
 from pipeline.gallery import GalleryIndex, check_gallery, gallery_description, read_gallery
 from pipeline.image_guard import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, guarded_decode
-from pipeline.image_policy import square_crop_and_resize
-from pipeline.run_dir import build_model, checkpoint_info, load_trained_model
+from pipeline.run_dir import RunDir, build_model, load_trained_model
 
 EXPORT_PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16"}  # -> Keras dtype policy
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -227,7 +228,7 @@ def load_for_export(run_dir, checkpoint="last", precision="float32"):
     weights either way, so a gallery embedded by the float32 export is accepted.  The
     caller's global policy is restored."""
     if precision not in EXPORT_PRECISIONS:
-        raise ValueError(f"--precision must be one of {list(EXPORT_PRECISIONS)}, received "
+        raise InputError(f"--precision must be one of {list(EXPORT_PRECISIONS)}, received "
                          f"{precision!r}")
     previous = keras.mixed_precision.global_policy()
     try:  # whatever policy the caller has set, float32 means float32
@@ -294,11 +295,11 @@ def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="save
     ``precision``: ``float32`` or ``bfloat16``, what the backbone and projector compute in
     (``load_for_export``); outputs are float32 and unit-norm either way."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
-        raise ValueError(f"--name must be letters, digits, '.', '_' or '-', received {name!r}")
+        raise InputError(f"--name must be letters, digits, '.', '_' or '-', received {name!r}")
     if version is not None and version < 1:
-        raise ValueError(f"--version must be >= 1, received {version}")
+        raise InputError(f"--version must be >= 1, received {version}")
     if not 1 <= max_pixels <= MAX_PIXELS_LIMIT:
-        raise ValueError(f"--max-pixels must be between 1 and {MAX_PIXELS_LIMIT}, received "
+        raise InputError(f"--max-pixels must be between 1 and {MAX_PIXELS_LIMIT}, received "
                          f"{max_pixels}")
     backbone, projector, manifest, digest = load_for_export(run_dir, checkpoint, precision)
     index = gallery_info = None
@@ -313,11 +314,11 @@ def export_run(run_dir, *, name, checkpoint="last", version=None, base_dir="save
         version = _next_version(model_dir)
     final = os.path.join(model_dir, str(version))
     if os.path.exists(final):
-        raise FileExistsError(f"{final} already exists; versions are never overwritten "
+        raise OutputExists(f"{final} already exists; versions are never overwritten "
                               f"(omit --version to take the next one)")
     write_export(backbone, projector, manifest, final, gallery=index,
                  gallery_info=gallery_info, max_pixels=max_pixels, digest=digest,
                  provenance={"run_dir": os.path.abspath(run_dir),
-                             "checkpoint": checkpoint_info(run_dir, checkpoint)})
+                             "checkpoint": RunDir(run_dir).checkpoint_info(checkpoint)})
     write_models_config(base_dir)
     return final

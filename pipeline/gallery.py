@@ -23,12 +23,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from beam_jobs.errors import InputError
 from beam_jobs.embed_output import EMBED_INFO_NAME, PARQUET_PATTERN, TFRECORD_PATTERN
 
 STORAGE_DTYPES = ("float32", "bfloat16")
 
 
-class GalleryError(ValueError):
+class GalleryError(InputError):
     """A gallery that cannot be searched with the model being exported; the message says why."""
 
 

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from beam_jobs.errors import InputError, MissingInput
 from pipeline.export import INFO_FILE
 
 
@@ -19,7 +20,7 @@ def load_export(model_dir):
     """``(loaded SavedModel, its ascl_export.json)``; refuses an export without ``neighbors``."""
     info_path = os.path.join(model_dir, INFO_FILE)
     if not tf.io.gfile.exists(os.path.join(model_dir, "saved_model.pb")):
-        raise FileNotFoundError(f"--model {model_dir} is not a SavedModel version folder (pass "
+        raise MissingInput(f"--model {model_dir} is not a SavedModel version folder (pass "
                                 f"saved_models/NAME/VERSION)")
     info = {}
     if tf.io.gfile.exists(info_path):
@@ -27,7 +28,7 @@ def load_export(model_dir):
             info = json.load(handle)
     model = tf.saved_model.load(model_dir)
     if "neighbors" not in model.signatures:
-        raise ValueError(f"{model_dir} has no `neighbors` signature: export it with a gallery, "
+        raise InputError(f"{model_dir} has no `neighbors` signature: export it with a gallery, "
                          f"`ascl export --run-dir RUN --name NAME --gallery EMBED_OUTPUT`")
     return model, info
 
@@ -41,14 +42,14 @@ def search_image(model_dir, image_path, k=None):
     if k is None:
         k = min(8, exported_k or 8)
     if k < 1 or (exported_k is not None and k > exported_k):
-        raise ValueError(f"--k {k} must be between 1 and the k the export was made with "
+        raise InputError(f"--k {k} must be between 1 and the k the export was made with "
                          f"({exported_k}); export again with a larger --k for more")
     with tf.io.gfile.GFile(image_path, "rb") as handle:
         image_bytes = handle.read()
     try:
         out = model.signatures["neighbors"](image_bytes=tf.constant([image_bytes]))
     except tf.errors.InvalidArgumentError as error:
-        raise ValueError(f"--image {image_path}: the model refused it: "
+        raise InputError(f"--image {image_path}: the model refused it: "
                          f"{_reason(error.message)}") from error
     names = info.get("class_names", [])
     rows = []

@@ -1,36 +1,26 @@
 """``ascl train``: pre-train an ASCL encoder on a prepared dataset with ``model.fit``.
 
-A run directory holds everything a run makes::
-
-    RUN/config.yaml           the resolved configuration
-    RUN/checkpoints/          epoch_NNNN.weights.h5 every train.checkpoint_every epochs,
-                              last.weights.h5, best.weights.h5 (+ best.json) by kNN top-1
-                              on the validation hold-out (never on the test split)
-    RUN/backup/               BackupAndRestore state: rerunning the same command resumes here
-    RUN/tensorboard/          scalars (every metric, learning rate, kNN), augmented views
-    RUN/history.json          one record per epoch, continuous across resumes
-    RUN/summary.json          written when the run finishes
-
-Nothing is created before the configuration and the dataset have been checked.
+``train`` reads as its steps: plan (the validated dataset and the selections it trains and
+chooses on), build (strategy, precision policy, model), callbacks (in one order, each with
+why), ``fit``, summary.  What a run folder holds, and every read and write of it, is
+``pipeline.run_dir.RunDir``'s.  Nothing is created before the configuration and the dataset
+have been checked.
 """
 
-import contextlib
 import dataclasses
 import datetime
-import json
 import os
-import shutil
-import tempfile
+import typing
 
 import keras
 import tensorflow as tf
 
 from pipeline import callbacks as run_callbacks
 from pipeline import data, splits
-from pipeline.config import ConfigError, dump_config
+from pipeline.config import ConfigError, choices_of
 from pipeline.precision import resolve_mixed_precision
-from pipeline.prepared_dataset import load_manifest
-from pipeline.run_dir import build_model, load_run_config
+from beam_jobs.dataset_format import load_manifest
+from pipeline.run_dir import RunDir, build_model
 
 class TrainingError(RuntimeError):
     """Training could not finish (divergence, incompatible resume); the message says why."""
@@ -61,7 +51,7 @@ def resolve_strategy(name):
                 "tf.distribute.MultiWorkerMirroredStrategy() at the start of the program and "
                 "pass it as train(config, run_dir, strategy=...) (the `ascl train` command "
                 "does this itself)") from error
-    raise ConfigError(f"train.strategy must be auto, default, mirrored or multi_worker, "
+    raise ConfigError(f"train.strategy must be one of {choices_of('train.strategy')}, "
                       f"received {name!r}")
 
 
@@ -92,19 +82,27 @@ def training_selections(config, manifest):
     return train, validation
 
 
-def _check_dataset(config, manifest, replicas=1):
+class Plan(typing.NamedTuple):
+    """What a run trains on, decided once the dataset has been checked against the config."""
+
+    manifest: dict
+    steps_per_epoch: int
+    train: splits.Selection        # what pre-training reads
+    validation: typing.Optional[splits.Selection]  # the hold-out that chooses `best`, or None
+
+
+def _check_splits(config, manifest):
+    """Refuses a dataset without the splits the config names."""
     for key, split in (("data.train_split", config.data.train_split),
                        ("data.eval_split", config.data.eval_split)):
         if split not in manifest["splits"]:
             raise ConfigError(f"{key} is {split!r} but the dataset at {config.data.dataset} has "
                               f"splits {sorted(manifest['splits'])}")
     data.channel_statistics(manifest)  # a dataset without a train split fails here, clearly
-    train_selection, validation = training_selections(config, manifest)
-    available = train_selection.count(manifest)
-    steps = available // config.optimizer.batch_size
-    if steps < 1:
-        raise ConfigError(f"optimizer.batch_size {config.optimizer.batch_size} is larger than the "
-                          f"{available} training images ({train_selection.description})")
+
+
+def _check_batch(config, replicas):
+    """Refuses a global batch that the replicas, or split batch norm in each, cannot divide."""
     batch = config.optimizer.batch_size
     if batch % replicas:
         raise ConfigError(f"optimizer.batch_size ({batch}) must be a multiple of the "
@@ -120,7 +118,21 @@ def _check_dataset(config, manifest, replicas=1):
                           f"normalises ({', '.join(split_norms)}: split), "
                           f"optimizer.batch_size / replicas = {batch} / {replicas} = "
                           f"{batch // replicas}")
-    return steps, train_selection, validation
+
+
+def plan(config, replicas=1):
+    """The run's ``Plan``: the dataset's manifest, checked against ``config``, and the
+    selections and steps it gives."""
+    manifest = load_manifest(config.data.dataset)
+    _check_splits(config, manifest)
+    train_selection, validation = training_selections(config, manifest)
+    available = train_selection.count(manifest)
+    steps = available // config.optimizer.batch_size
+    if steps < 1:
+        raise ConfigError(f"optimizer.batch_size {config.optimizer.batch_size} is larger than the "
+                          f"{available} training images ({train_selection.description})")
+    _check_batch(config, replicas)
+    return Plan(manifest, steps, train_selection, validation)
 
 
 def _flatten(config_dict):
@@ -132,15 +144,14 @@ def _flatten(config_dict):
 _PRESENTATION_KEYS = {"train.verbose"}
 
 
-def _resolve_precision(config, run_dir, strategy=None):
+def _resolve_precision(config, run, strategy=None):
     """``config`` with ``train.mixed_precision: auto`` made concrete (``pipeline.precision``):
     the value of the run being resumed, else this machine's choice, which is logged and, as
     part of ``config.yaml``, recorded for a later resume elsewhere."""
     t = config.train
     if t.mixed_precision != "auto":
         return config
-    recorded = (load_run_config(run_dir).train.mixed_precision
-                if os.path.exists(os.path.join(run_dir, "config.yaml")) else None)
+    recorded = run.read_config().train.mixed_precision if run.has_config() else None
     policy, reason = resolve_mixed_precision(
         t.mixed_precision, recorded,
         across_workers=isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy))
@@ -148,7 +159,7 @@ def _resolve_precision(config, run_dir, strategy=None):
     return dataclasses.replace(config, train=dataclasses.replace(t, mixed_precision=policy))
 
 
-def _check_resume(config, run_dir, allow_config_change):
+def _check_resume(config, run, allow_config_change):
     """Compares ``config`` with the run's recorded one; returns ``{key: [old, new]}``.
 
     A resumed run continues the recorded schedule, data order and optimiser state, so any
@@ -156,9 +167,9 @@ def _check_resume(config, run_dir, allow_config_change):
     refused unless ``allow_config_change``.  The recorded config is read as ``ascl
     evaluate`` reads it, so settings added since the run was made compare as their defaults.
     """
-    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
+    if not run.has_config():
         return {}
-    previous = _flatten(load_run_config(run_dir).to_dict())
+    previous = _flatten(run.read_config().to_dict())
     current = _flatten(config.to_dict())
     changes = {key: [previous.get(key), current.get(key)] for key in sorted(set(previous)
                | set(current)) if previous.get(key) != current.get(key)
@@ -168,26 +179,19 @@ def _check_resume(config, run_dir, allow_config_change):
     if refused and not allow_config_change:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
         raise TrainingError(
-            f"{run_dir} holds a run with another configuration ({listed}). Resuming continues "
+            f"{run.path} holds a run with another configuration ({listed}). Resuming continues "
             f"its schedule, data order and optimiser state, so only a larger train.epochs may "
             f"change; use a new --run-dir, restore the settings, or pass --allow-config-change")
     return changes
 
 
-def _record_config_change(run_dir, changes, allowed):
-    """Appends what changed on resume to ``RUN/config_changes.jsonl``."""
-    record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "changes": changes, "allowed_by": allowed}
-    with open(os.path.join(run_dir, "config_changes.jsonl"), "a") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def _best_score(checkpoints_dir):
-    path = os.path.join(checkpoints_dir, "best.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as handle:
-        return json.load(handle)["knn_top1"]
+def _config_change_record(changes, allow_config_change):
+    """What ``config_changes.jsonl`` records of an accepted resume: when, what, and what
+    allowed it."""
+    allowed = ("--allow-config-change" if allow_config_change
+               and any(key != "train.epochs" for key in changes) else "a larger train.epochs")
+    return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "changes": changes, "allowed_by": allowed}
 
 
 def _jit(setting):
@@ -200,21 +204,6 @@ def is_chief(strategy):
     return strategy.extended.should_checkpoint
 
 
-@contextlib.contextmanager
-def _write_dir(run_dir, chief):
-    """The chief writes into ``run_dir``; any other worker into a temporary folder that is
-    removed afterwards, as Keras's multi-worker guide has them do (every worker still runs
-    every save, so that the workers' steps stay in lock-step)."""
-    if chief:
-        yield run_dir
-        return
-    path = tempfile.mkdtemp(prefix="ascl-worker-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_change=False):
     """Pre-trains (or resumes) the run in ``run_dir``; returns the summary dict.
 
@@ -225,29 +214,57 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
     share): only the chief writes there (config, history, summary, TensorBoard, checkpoints,
     backups); every worker resumes from the chief's backup.
     """
-    t = config.train
     # First: a multi-worker strategy must exist before TensorFlow's context does.
-    strategy = strategy or resolve_strategy(t.strategy)
-    config = _resolve_precision(config, run_dir, strategy)
-    manifest = load_manifest(config.data.dataset)
-    steps_per_epoch, train_selection, validation = _check_dataset(
-        config, manifest, strategy.num_replicas_in_sync)
-    changes = _check_resume(config, run_dir, allow_config_change)
+    strategy = strategy or resolve_strategy(config.train.strategy)
+    config = _resolve_precision(config, RunDir(run_dir), strategy)
+    run_plan = plan(config, strategy.num_replicas_in_sync)
+    changes = _check_resume(config, RunDir(run_dir), allow_config_change)
     chief = is_chief(strategy)
     policy = keras.mixed_precision.global_policy()
     try:
-        with _write_dir(run_dir, chief) as write_dir:
-            return _train(config, run_dir, write_dir, chief, strategy, manifest,
-                          steps_per_epoch, train_selection, validation, changes,
-                          extra_callbacks, allow_config_change)
+        with RunDir.for_process(run_dir, chief) as run:
+            run.make_folders()
+            if changes and chief:
+                run.record_config_change(_config_change_record(changes, allow_config_change))
+            run.write_config(config)
+            _, done_epochs = run.readable_backup()  # every worker skips the same batches
+            dataset_fn = _input_fn(config, run_plan, done_epochs)
+            model = _build(config, run_plan, strategy)
+            callbacks = _callbacks(config, run_plan, run, dataset_fn, extra_callbacks)
+            try:
+                model.fit(strategy.distribute_datasets_from_function(dataset_fn)
+                          if strategy.num_replicas_in_sync > 1 else dataset_fn(),
+                          initial_epoch=done_epochs, epochs=config.train.epochs,
+                          steps_per_epoch=run_plan.steps_per_epoch, callbacks=callbacks,
+                          shuffle=False,  # tf.data already shuffles; silences Keras's warning
+                          verbose=config.train.verbose)
+            except run_callbacks.Diverged as error:
+                raise TrainingError(str(error)) from None
+            model.save_weights(run.checkpoint_to_write("last"))
+            return _summary(config, run_plan, run, strategy, chief)
     finally:
         # train.mixed_precision is this run's setting, not the process's: evaluation and
         # anything else built afterwards in the same process (`ascl demo`) get the caller's.
         keras.mixed_precision.set_global_policy(policy)
 
 
-def _train(config, run_dir, write_dir, chief, strategy, manifest, steps_per_epoch,
-           train_selection, validation, changes, extra_callbacks, allow_config_change):
+def _input_fn(config, run_plan, done_epochs):
+    """The training input function (for ``distribute_datasets_from_function`` under several
+    replicas), starting after the batches of the ``done_epochs`` a resumed run has trained."""
+    d = config.data
+
+    def dataset_fn(input_context=None, skip_steps=done_epochs * run_plan.steps_per_epoch):
+        return data.pretrain_dataset(
+            run_plan.manifest, batch_size=config.optimizer.batch_size, seed=config.train.seed,
+            split=run_plan.train, input_context=input_context, strong_key=d.key_view == "strong",
+            blur=d.blur, crop_scale=(d.crop_min_scale, 1.0), flip=d.flip,
+            shuffle_buffer=d.shuffle_buffer, cache=d.cache, skip_steps=skip_steps)
+
+    return dataset_fn
+
+
+def _build(config, run_plan, strategy):
+    """Seeds, precision policy and the compiled model, in the strategy's scope."""
     t = config.train
     keras.utils.set_random_seed(t.seed)
     if t.deterministic:
@@ -256,97 +273,69 @@ def _train(config, run_dir, write_dir, chief, strategy, manifest, steps_per_epoc
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(
         "float32" if t.mixed_precision == "none" else t.mixed_precision)
-
-    names = ("checkpoints", "backup", "tensorboard")
-    paths = {name: os.path.join(write_dir, name) for name in names}
-    for path in paths.values():
-        os.makedirs(path, exist_ok=True)
-    if changes and chief:
-        _record_config_change(run_dir, changes, "--allow-config-change" if allow_config_change
-                              and any(key != "train.epochs" for key in changes)
-                              else "a larger train.epochs")
-    dump_config(config, os.path.join(write_dir, "config.yaml"))
-
-    # Every worker resumes from the chief's backup, and so skips the same batches.
-    chief_backup = os.path.join(run_dir, "backup")
-    _, done_epochs = run_callbacks.readable_backup(chief_backup)
-
-    def dataset_fn(input_context=None, skip_steps=done_epochs * steps_per_epoch):
-        return data.pretrain_dataset(
-            manifest, batch_size=config.optimizer.batch_size, seed=t.seed,
-            split=train_selection, input_context=input_context,
-            strong_key=config.data.key_view == "strong", blur=config.data.blur,
-            crop_scale=(config.data.crop_min_scale, 1.0), flip=config.data.flip,
-            shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache,
-            skip_steps=skip_steps)
-
-    if strategy.num_replicas_in_sync > 1:
-        dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    else:
-        dataset = dataset_fn()
     with strategy.scope():
-        model = build_model(config, manifest, steps_per_epoch)
+        model = build_model(config, run_plan.manifest, run_plan.steps_per_epoch)
         model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate(config, steps_per_epoch),
+            optimizer=keras.optimizers.SGD(learning_rate(config, run_plan.steps_per_epoch),
                                            momentum=config.optimizer.momentum),
             jit_compile=_jit(t.jit_compile), steps_per_execution=t.steps_per_execution)
+    return model
 
-    nan_guard = run_callbacks.StopOnNaN()
-    limit = config.data.eval_limit
-    knn_monitor = run_callbacks.KNNMonitor(
-        manifest, bank=splits.Selection(config.data.train_split, holdout=train_selection.holdout,
-                                        part="rest" if validation else "all", limit=limit),
-        validation=validation, test=splits.Selection(config.data.eval_split, limit=limit),
-        every=t.knn_every, epochs=t.epochs, k=config.evaluation.knn_k,
-        temperature=config.evaluation.knn_temperature, batch_size=config.evaluation.batch_size)
-    best_checkpoint = (run_callbacks.BestCheckpoint(
-        os.path.join(paths["checkpoints"], "best.weights.h5"),
-        split_description=validation.description,
-        restore_dir=os.path.join(run_dir, "checkpoints")) if validation else None)
-    guard = lambda callback: run_callbacks.UnlessDiverged(callback, nan_guard)  # noqa: E731
-    callback_list = [
-        nan_guard,
-        # before the kNN monitor, so that epoch time is training time only
-        run_callbacks.RunStats(steps_per_epoch * config.optimizer.batch_size),
-        guard(knn_monitor),
-        *([guard(best_checkpoint)] if best_checkpoint else []),  # after the monitor: its score
-        guard(run_callbacks.EpochCheckpoint(
-            os.path.join(paths["checkpoints"], "epoch_{epoch:04d}.weights.h5"),
-            every=t.checkpoint_every)),
-        run_callbacks.HistoryFile(os.path.join(write_dir, "history.json")),
-        keras.callbacks.TensorBoard(paths["tensorboard"], update_freq="epoch"),
+
+def _callbacks(config, run_plan, run, dataset_fn, extra_callbacks):
+    """The run's callbacks, in the order Keras calls them at each epoch's end."""
+    t, d, e = config.train, config.data, config.evaluation
+    validation = run_plan.validation
+    callbacks = [
+        # First: it raises at the first non-finite loss, before any other callback of that
+        # step or epoch runs, so that no diverged weights reach a file.
+        run_callbacks.StopOnNaN(),
+        # Before the kNN monitor, so that the epoch's time is training time only.
+        run_callbacks.RunStats(run_plan.steps_per_epoch * config.optimizer.batch_size),
+        run_callbacks.KNNMonitor(
+            run_plan.manifest, bank=splits.Selection(d.train_split, holdout=run_plan.train.holdout,
+                                                     part="rest" if validation else "all",
+                                                     limit=d.eval_limit),
+            validation=validation, test=splits.Selection(d.eval_split, limit=d.eval_limit),
+            every=t.knn_every, epochs=t.epochs, k=e.knn_k, temperature=e.knn_temperature,
+            batch_size=e.batch_size),
+        # After the monitor: it saves on the monitor's score.
+        *([run_callbacks.BestCheckpoint(run, split_description=validation.description)]
+          if validation else []),
+        run_callbacks.EpochCheckpoint(run.checkpoint_to_write("epoch_{epoch:04d}"),
+                                      every=t.checkpoint_every),
+        # After every callback that adds to the epoch's logs.
+        run_callbacks.HistoryFile(run),
+        keras.callbacks.TensorBoard(run.tensorboard, update_freq="epoch"),
         # Last: an epoch is backed up only once everything above has recorded it, so a
         # kill in between makes the resumed run redo (and re-record) that epoch instead of
         # skipping its history record.
-        guard(run_callbacks.ClusterBackupAndRestore(paths["backup"], restore_dir=chief_backup)),
+        run_callbacks.Backup(run),
         *extra_callbacks,
     ]
     if t.view_images:
         preview = next(iter(dataset_fn(skip_steps=0).take(1)))
-        callback_list.append(run_callbacks.ViewImages(
-            {k: v.numpy() for k, v in preview.items()}, paths["tensorboard"], t.view_images,
-            manifest))
+        callbacks.append(run_callbacks.ViewImages(
+            {k: v.numpy() for k, v in preview.items()}, run.tensorboard, t.view_images,
+            run_plan.manifest))
+    return callbacks
 
-    model.fit(dataset, epochs=t.epochs, steps_per_epoch=steps_per_epoch, callbacks=callback_list,
-              shuffle=False,  # tf.data already shuffles; silences Keras's warning
-              verbose=t.verbose)
-    if nan_guard.message:
-        raise TrainingError(nan_guard.message)
-    model.save_weights(os.path.join(paths["checkpoints"], "last.weights.h5"))
-    with open(os.path.join(write_dir, "history.json")) as handle:
-        history = json.load(handle)
-    checkpoints = os.path.join(run_dir, "checkpoints")  # the chief's, for every worker
+
+def _summary(config, run_plan, run, strategy, chief):
+    """The finished run's summary, written by the chief (``summary.json``) and returned."""
+    history = run.read_history()
+    best = RunDir(run.write_path).read_best()  # this process's own record of its saves
+    checkpoints = os.path.join(run.path, RunDir.CHECKPOINTS)  # the chief's, for every worker
     summary = {
-        "run_dir": run_dir, "epochs": t.epochs, "replicas": strategy.num_replicas_in_sync,
-        "chief": chief, "final": history[-1] if history else None,
-        "trained_on": train_selection.description,
-        "best_val_knn_top1": _best_score(paths["checkpoints"]),
+        "run_dir": run.path, "epochs": config.train.epochs,
+        "replicas": strategy.num_replicas_in_sync, "chief": chief,
+        "final": history[-1] if history else None,
+        "trained_on": run_plan.train.description,
+        "best_val_knn_top1": best["knn_top1"] if best else None,
         "checkpoints": {"last": os.path.join(checkpoints, "last.weights.h5"),
                         **({"best": os.path.join(checkpoints, "best.weights.h5")}
-                           if os.path.exists(os.path.join(paths["checkpoints"],
-                                                          "best.weights.h5")) else {})},
+                           if os.path.exists(run.checkpoint_to_write("best")) else {})},
     }
     if chief:
-        with open(os.path.join(run_dir, "summary.json"), "w") as handle:
-            json.dump(summary, handle, indent=2)
+        run.write_summary(summary)
     return summary

@@ -43,7 +43,7 @@ def _float32_policy():
 def digits16(tmp_path_factory):
     """The Beam job's output for scikit-learn digits resized to 16x16; returns its manifest."""
     from beam_jobs.prepare import run as prepare
-    from pipeline.prepared_dataset import load_manifest
+    from beam_jobs.dataset_format import load_manifest
 
     output = tmp_path_factory.mktemp("digits16") / "data"
     prepare(["--source", "digits", "--image-size", "16", "--output", str(output)])
@@ -78,7 +78,7 @@ def class_foldered(tmp_path_factory):
     from PIL import Image
 
     from beam_jobs.prepare import run as prepare
-    from pipeline.prepared_dataset import load_manifest
+    from beam_jobs.dataset_format import load_manifest
 
     root = tmp_path_factory.mktemp("class_tree")
     rng = np.random.default_rng(0)
@@ -102,7 +102,7 @@ def class_sorted(class_foldered, tmp_path_factory):
     import json
     import shutil
 
-    from pipeline.prepared_dataset import load_manifest
+    from beam_jobs.dataset_format import load_manifest
 
     output = tmp_path_factory.mktemp("class_sorted") / "data"
     shutil.copytree(class_foldered["directory"], output)

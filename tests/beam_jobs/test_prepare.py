@@ -1,18 +1,27 @@
-"""The preparation job on the real DirectRunner, over image trees made here."""
+"""The preparation job on the real DirectRunner, over image trees made here, and its
+transforms one at a time in ``TestPipeline``s."""
 
 import hashlib
 import io
 import json
 import os
 
+import apache_beam as beam
 import numpy as np
 import pytest
 import tensorflow as tf
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from beam_jobs.prepare import order_key, run, shard_count, shard_of
+from beam_jobs.dataset_format import (DEAD_LETTERS_NAME, MANIFEST_NAME, decode_example,
+                                      encode_example, load_manifest)
+from beam_jobs.images import InvalidImage, decode_image, encode_png, square_and_resize
+from beam_jobs.prepare import (ChannelMeanStd, ToExample, WriteManifest, WriteShard, order_key,
+                               run, shard_count, shard_of)
 from beam_jobs.sources import digit_images, hashed_split
-from pipeline.prepared_dataset import DatasetError, decode_example, load_manifest, read_split
+from beam_jobs.tfrecord import encode_record
+from pipeline.prepared_dataset import read_split
 
 SIZE = 16
 
@@ -304,25 +313,6 @@ def test_bad_arguments_are_named(tmp_path, argv, message):
         run(argv + ["--output", str(tmp_path / "x")])
 
 
-def test_reader_refuses_unfinished_or_damaged_datasets(prepared, tmp_path):
-    with pytest.raises(DatasetError, match="not a prepared dataset"):
-        load_manifest(str(tmp_path))
-    output, manifest = prepared
-    damaged = tmp_path / "damaged"
-    damaged.mkdir()
-    for path in output.iterdir():
-        (damaged / path.name).write_bytes(path.read_bytes())
-    shard = manifest["splits"]["train"]["shards"][0]["file"]
-    (damaged / shard).write_bytes((damaged / shard).read_bytes()[:-5])
-    with pytest.raises(DatasetError, match=f"{shard} has .* bytes but the manifest records"):
-        load_manifest(str(damaged))
-    (damaged / shard).unlink()
-    with pytest.raises(DatasetError, match="missing"):
-        load_manifest(str(damaged))
-    with pytest.raises(DatasetError, match="split 'validation' is not in"):
-        read_split(manifest, "validation")
-
-
 def test_split_folders_with_unknown_names_need_a_layout(tmp_path):
     root = tmp_path / "tree"
     for split in ("training", "testing"):
@@ -469,8 +459,6 @@ def test_per_bundle_reports_start_afresh_in_every_bundle():
     from one bundle into the next (a runner reuses the instance)."""
     from apache_beam.pvalue import TaggedOutput
 
-    from beam_jobs.prepare import ToExample
-
     def item(index, split):
         return {"id": f"{split}/c/{index}", "source_path": f"/x/{index}", "split": split,
                 "class_name": "c", "data": None, "pixels": _pixels(index, size=8)}
@@ -504,3 +492,165 @@ def test_the_lossy_multi_threaded_direct_mode_is_refused_before_any_work(image_t
         run(["--source", f"folder:{root}", "--output", str(tmp_path / "out"),
              "--direct_num_workers", "2", "--direct_running_mode", "multi_threading"])
     assert not (tmp_path / "out").exists()
+
+
+# ---- the job's transforms, the Beam way: TestPipeline, assert_that, equal_to
+
+
+def _direct():
+    return test_pipeline.TestPipeline(runner="DirectRunner")  # Prism, the default, downloads
+
+
+def _checked_by(check):
+    """An ``assert_that`` matcher that runs ``check(elements)``."""
+    def matcher(elements):
+        check(list(elements))
+    return matcher
+
+
+def test_to_example_tags_examples_dead_letters_and_reports():
+    size, class_names = 8, ["cat", "dog"]
+    square = _pixels(0, size=size)
+    oblong = np.random.default_rng(1).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    unlabelled = _pixels(2, size=size)
+
+    def item(example_id, split, **source):
+        return {"id": example_id, "source_path": f"/images/{example_id}", "split": split,
+                "class_name": example_id.split("/")[1], "data": None, "pixels": None, **source}
+
+    items = [item("train/cat/0.png", "train", data=_encode(Image.fromarray(square), "PNG")),
+             item("train/dog/1", "train", pixels=oblong),
+             item("test/bird/2", "test", pixels=unlabelled),
+             item("train/cat/text.jpg", "train", data=b"this is not an image"),
+             item("train/cat/empty.jpg", "train", data=b""),
+             item("test/dog/tiny", "test", pixels=_pixels(3, size=4)),
+             item("train/dog/gone.png", "train", unreadable="could not read the file: gone")]
+    with pytest.raises(InvalidImage) as undecodable:
+        decode_image(b"this is not an image")
+    resized = square_and_resize(oblong, size)
+
+    def example(item, pixels, label):
+        return {"split": item["split"], "id": item["id"], "example": encode_example(
+            png=encode_png(pixels), shape=pixels.shape, label=label,
+            class_name=item["class_name"], example_id=item["id"],
+            source_path=item["source_path"], split=item["split"])}
+
+    examples = [example(items[0], square, 0), example(items[1], resized, 1),
+                example(items[2], unlabelled, -1)]
+
+    def dead(item, reason):
+        return {"id": item["id"], "path": item["source_path"], "split": item["split"],
+                "reason": reason}
+
+    def sizes(reports):
+        totals = {}
+        for split, (count, size_bytes) in reports:
+            totals[split] = tuple(map(sum, zip(totals.get(split, (0, 0)), (count, size_bytes))))
+        assert totals == {"train": (2, len(examples[0]["example"]) + len(examples[1]["example"])),
+                          "test": (1, len(examples[2]["example"]))}
+
+    def moments(reports):
+        train = np.concatenate([square.reshape(-1, 3), resized.reshape(-1, 3)]).astype(np.int64)
+        assert sum(count for count, _, _ in reports) == len(train)
+        np.testing.assert_array_equal(sum(total for _, total, _ in reports), train.sum(0))
+        np.testing.assert_array_equal(sum(squares for _, _, squares in reports),
+                                      (train ** 2).sum(0))
+
+    with _direct() as pipeline:
+        classes = pipeline | "Classes" >> beam.Create([class_names])
+        results = (pipeline | beam.Create(items) | beam.ParDo(
+            ToExample(image_size=size, min_size=6), class_names=beam.pvalue.AsSingleton(classes))
+            .with_outputs(ToExample.DEAD, ToExample.SHAPE, ToExample.MOMENTS, ToExample.SIZES,
+                          main="valid"))
+        assert_that(results.valid, equal_to(examples), label="Examples")
+        assert_that(results.dead, equal_to([
+            dead(items[3], str(undecodable.value)), dead(items[4], "empty file"),
+            dead(items[5], "too small: 4x4 is under the minimum side 6"),
+            dead(items[6], "could not read the file: gone")]), label="DeadLetters")
+        assert_that(results.shape | beam.Distinct(), equal_to(["8x8x3"]), label="Shapes")
+        assert_that(results.sizes, _checked_by(sizes), label="Sizes")
+        assert_that(results.moments, _checked_by(moments), label="Moments")
+
+
+def test_channel_mean_std_combines_per_image_moments():
+    images = [_pixels(seed).reshape(-1, 3).astype(np.int64) for seed in range(5)]
+    moments = [(len(image), image.sum(0), (image ** 2).sum(0)) for image in images]
+    pixels = np.concatenate(images).astype(np.float64)
+
+    def statistics(outputs):
+        (stats,) = outputs
+        assert stats["pixels_per_channel"] == len(pixels)
+        np.testing.assert_allclose(stats["mean"], pixels.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(stats["std"], pixels.std(0), rtol=1e-9)
+
+    with _direct() as pipeline:
+        assert_that(pipeline | "Moments" >> beam.Create(moments)
+                    | "Stats" >> beam.CombineGlobally(ChannelMeanStd()),
+                    _checked_by(statistics), label="Statistics")
+        assert_that(pipeline | "NoTrainSplit" >> beam.Create([])
+                    | "NoStats" >> beam.CombineGlobally(ChannelMeanStd()),
+                    equal_to([None]), label="NoStatistics")
+
+
+def test_write_shard_orders_its_examples_by_the_keyed_hash(tmp_path):
+    examples = [(f"train/c/{index}", f"example {index}".encode()) for index in range(8)]
+    ordered = sorted(examples, key=lambda pair: order_key(pair[0]))
+    assert ordered != examples  # the order is not the ids' own
+    data = b"".join(encode_record(example) for _, example in ordered)
+    name = "train-00001-of-00003.tfrecord"
+    with _direct() as pipeline:
+        written = (pipeline | beam.Create([(("train", 1, 3), examples[::-1])])
+                   | beam.ParDo(WriteShard(str(tmp_path))))
+        assert_that(written, equal_to([{"split": "train", "num_examples": 8, "file": name,
+                                        "size_bytes": len(data),
+                                        "sha256": hashlib.sha256(data).hexdigest()}]))
+    assert (tmp_path / name).read_bytes() == data
+    assert [record.numpy() for record in tf.data.TFRecordDataset(str(tmp_path / name))] == [
+        example for _, example in ordered]
+
+
+def test_write_manifest_fills_empty_shards_and_writes_the_manifest_last(tmp_path):
+    shard = tmp_path / "train-00000-of-00002.tfrecord"
+    shard.write_bytes(b"ten bytes!")
+    written = {"split": "train", "file": shard.name, "num_examples": 3, "size_bytes": 10,
+               "sha256": hashlib.sha256(b"ten bytes!").hexdigest()}
+    stats = {"mean": [1.0, 2.0, 3.0], "std": [0.5, 0.5, 0.5], "pixels_per_channel": 48}
+    empty = {"file": "train-00001-of-00002.tfrecord", "num_examples": 0, "size_bytes": 0,
+             "sha256": hashlib.sha256(b"").hexdigest()}
+    expected = {
+        "format_version": 1, "source": "folder:/images", "image_shape": [4, 4, 3],
+        "class_names": ["a", "b"],
+        "splits": {"train": {"num_examples": 3, "shards": [
+            {key: written[key] for key in ("file", "num_examples", "size_bytes", "sha256")},
+            empty]}},
+        "train_statistics": stats, "num_inputs": 4,
+        "dead_letters": {"count": 1, "files": [DEAD_LETTERS_NAME]}}
+
+    def manifest(outputs):
+        (only,) = outputs
+        assert {key: value for key, value in only.items() if key != "created"} == expected
+        assert only["created"].endswith("+00:00")
+
+    with _direct() as pipeline:
+        def side(label, values):
+            return pipeline | label >> beam.Create(values)
+
+        as_list, as_one = beam.pvalue.AsList, beam.pvalue.AsSingleton
+        result = (pipeline | "Once" >> beam.Create([None]) | beam.ParDo(
+            WriteManifest(str(tmp_path), source="folder:/images"),
+            shards=as_list(side("Shards", [written])),
+            shards_per_split=beam.pvalue.AsDict(side("Counts", [("train", 2)])),
+            class_names=as_one(side("Classes", [["a", "b"]])),
+            stats=as_one(side("Stats", [stats])),
+            shapes=as_list(side("Shapes", ["4x4x3", "4x4x3"])),
+            input_count=as_one(side("Inputs", [4])), dead_count=as_one(side("Dead", [1])),
+            dead_files=as_list(side("DeadFiles", [str(tmp_path / DEAD_LETTERS_NAME)]))))
+        assert_that(result, _checked_by(manifest))
+    assert (tmp_path / empty["file"]).read_bytes() == b""
+    text = (tmp_path / MANIFEST_NAME).read_text()
+    on_disk = json.loads(text)
+    assert text == json.dumps(on_disk, indent=2)
+    assert {key: value for key, value in on_disk.items() if key != "created"} == expected
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(MANIFEST_NAME)] == [
+        MANIFEST_NAME]  # the atomic writer's temporary file is gone
+    assert load_manifest(str(tmp_path))["splits"] == expected["splits"]

@@ -98,7 +98,39 @@ def main(out):
             arrays["seedless_refused"] = np.array(False)
         except ValueError as error:
             arrays["seedless_refused"] = np.array("`seed` must be set" in str(error))
+    arrays.update(upstream_bug_20585(strategy))
     np.savez(out, **arrays)
+
+
+def upstream_bug_20585(strategy):
+    """Whether Keras still fails across workers without each ``models.keras_workarounds``
+    workaround (keras-team/keras#20585): the error of a one-step ``fit`` of a model with
+    Keras's own behaviour put back, or "" where it trains."""
+    from models import ASCLModel, build_backbone, keras_workarounds, projection_head
+
+    class StockSymbolicBuild(ASCLModel):
+        _maybe_symbolic_build = keras.Model._maybe_symbolic_build
+
+    class StockLogs(ASCLModel):
+        def _metric_logs(self):
+            return {metric.name: metric.result() for metric in self.metrics}
+
+    assert keras_workarounds.across_workers(strategy)
+    errors = {}
+    for name, kind in (("symbolic_build", StockSymbolicBuild), ("scalar_logs", StockLogs)):
+        with strategy.scope():
+            backbone = build_backbone("small_cnn", input_shape=SHAPE, norm="batch",
+                                      widths=(8, 16))
+            model = kind(backbone, projection_head(backbone.feature_dim, hidden_dims=(16,),
+                                                   output_dim=8), memory_size=20, seed=0)
+            model.compile(optimizer=keras.optimizers.SGD(0.1))
+        try:
+            model.fit(strategy.distribute_datasets_from_function(dataset_fn), steps_per_epoch=1,
+                      epochs=1, verbose=0)
+            errors[f"bug_20585/{name}"] = np.array("")
+        except Exception as error:  # noqa: BLE001 - whatever it raises is the bug's
+            errors[f"bug_20585/{name}"] = np.array(f"{type(error).__name__}: {error}"[:2000])
+    return errors
 
 
 if __name__ == "__main__":

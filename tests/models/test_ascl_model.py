@@ -300,23 +300,6 @@ def test_labels_do_not_change_the_step():
     assert (without.label_queue.numpy() == -1).all()
 
 
-def test_weights_saved_before_the_label_queue_still_load(tmp_path):
-    import h5py
-
-    model = _model()
-    strong, weak = _views(8)
-    model.fit(tf.data.Dataset.from_tensors((strong, weak)), verbose=0)
-    path = str(tmp_path / "old.weights.h5")
-    model.save_weights(path)
-    with h5py.File(path, "a") as handle:  # as written before the label queue existed
-        own = handle["vars"]
-        del own[str(len(own) - 1)]
-    restored = _model(seed=1)
-    restored.load_weights(path)
-    np.testing.assert_array_equal(restored.queue.numpy(), model.queue.numpy())
-    assert (restored.label_queue.numpy() == -1).all()
-
-
 def test_objective_is_float32_under_mixed_bfloat16():
     """The encoders compute in bfloat16; targets, confidence, logits and loss do not."""
     keras.mixed_precision.set_global_policy("mixed_bfloat16")

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def _ks_statistic(a, b):
 def test_crop_windows_are_distributed_as_torchvision_draws_them(scale, shape):
     count = 20000
     height, width = shape
-    top, left, h, w = (t.numpy().astype(np.float64) for t in augment.resized_crop_windows(
+    top, left, h, w = (t.numpy().astype(np.float64) for t in augment.draw_crop_windows(
         SEED, count, height, width, scale=scale))
     assert np.all((h >= 1) & (w >= 1) & (top >= 0) & (left >= 0))
     assert np.all((top + h <= height) & (left + w <= width))
@@ -91,7 +92,7 @@ def test_crop_windows_are_distributed_as_torchvision_draws_them(scale, shape):
 
 def test_crop_falls_back_to_the_centred_window_as_torchvision():
     # ratio 2-3 on a square image at full area: every try is too wide, so the fallback runs
-    top, left, h, w = (t.numpy() for t in augment.resized_crop_windows(
+    top, left, h, w = (t.numpy() for t in augment.draw_crop_windows(
         SEED, 5, 32, 32, scale=(1.0, 1.0), ratio=(2.0, 3.0)))
     np.testing.assert_array_equal(np.stack([top, left, h, w], 1), [[8, 0, 16, 32]] * 5)
 
@@ -100,7 +101,7 @@ def test_crop_falls_back_to_the_centred_window_as_torchvision():
                                     (0, 0, 32, 24), (5, 0, 27, 32), (0, 8, 10, 24)])
 def test_crop_resize_matches_pil_bilinear_at_the_borders_too(window):
     image = _natural_image(32)
-    ours = augment.crop_and_resize_windows(
+    ours = augment.apply_crop_windows(
         tf.constant(image[None] / 255.0, tf.float32), [tf.constant([float(v)]) for v in window],
         32)
     top, left, height, width = window
@@ -118,9 +119,10 @@ def test_full_scale_crop_of_a_square_image_is_the_image():
 
 # -- flips, grayscale -------------------------------------------------------------------
 
-def test_flip_mirrors_about_half_the_images():
+def test_weak_view_flip_mirrors_about_half_the_images():
     images = _images(400)
-    out = augment.random_flip(images, SEED).numpy()
+    # a full-scale crop of a square image is the whole image, so only the flip changes it
+    out = augment.weak_view(images, SEED, size=16, scale=(1.0, 1.0)).numpy()
     flipped = np.all(np.isclose(out, images.numpy()[:, :, ::-1]), axis=(1, 2, 3))
     kept = np.all(np.isclose(out, images.numpy()), axis=(1, 2, 3))
     assert np.all(flipped | kept) and 150 < flipped.sum() < 250
@@ -157,16 +159,16 @@ def test_jitter_applies_torchvision_operations_in_each_images_order():
     rng = np.random.default_rng(2)
     factors = np.stack([rng.uniform(0.6, 1.4, 24), rng.uniform(0.6, 1.4, 24),
                         rng.uniform(0.6, 1.4, 24), rng.uniform(-0.1, 0.1, 24)], 1)
-    ours = augment.jitter_colors(images, tf.constant(factors, tf.float32),
-                                 tf.constant(orders)).numpy()
+    ours = augment.apply_color_jitter(images, tf.constant(factors, tf.float32),
+                                      tf.constant(orders)).numpy()
     for index, (image, order) in enumerate(zip(images.numpy().astype(np.float64), orders)):
         expected = image
         for op in order:
             expected = _NP_OPS[op](expected, factors[index, op])
         np.testing.assert_allclose(ours[index], expected, atol=2e-5)
     # the order matters: the same factors in the reverse order give another image
-    reverse = augment.jitter_colors(images, tf.constant(factors, tf.float32),
-                                    tf.constant(orders[:, ::-1].copy())).numpy()
+    reverse = augment.apply_color_jitter(images, tf.constant(factors, tf.float32),
+                                         tf.constant(orders[:, ::-1].copy())).numpy()
     assert np.abs(reverse - ours).max() > 0.01
 
 
@@ -187,7 +189,8 @@ def test_jitter_draws_every_order_equally_often_and_applies_with_p():
     out = augment.color_jitter(images, SEED).numpy()
     small = augment.draw_color_jitter(SEED, batch // 40)
     expected = np.where(small[2].numpy()[:, None, None, None],
-                        augment.jitter_colors(images, small[0], small[1]).numpy(), images.numpy())
+                        augment.apply_color_jitter(images, small[0], small[1]).numpy(),
+                        images.numpy())
     np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
@@ -215,8 +218,8 @@ def test_blur_matches_pil_gaussian_blur(sigma):
         image = _natural_image(48, seed)
         pil = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=sigma)),
                          np.float64)
-        ours = augment.blur_with_sigmas(tf.constant(image[None] / 255.0, tf.float32),
-                                        tf.constant([sigma]), radius).numpy()[0] * 255
+        ours = augment.apply_blur(tf.constant(image[None] / 255.0, tf.float32),
+                                  tf.constant([sigma]), radius).numpy()[0] * 255
         inner = np.s_[radius:-radius, radius:-radius]  # away from the borders
         difference = np.abs(ours - pil)[inner]
         assert difference.mean() < 1.0 and difference.max() < 3.0, (sigma, difference.mean(),
@@ -273,8 +276,8 @@ def test_blur_is_exact_24_bit_fixed_point(sigma):
     # the other way (the matrix-product blur computes them in float64)
     images = np.stack([_natural_image(20, seed) for seed in range(2)]) / 255.0
     radius = augment.blur_radius(2.0)
-    ours = augment.blur_with_sigmas(tf.constant(images, tf.float32), tf.constant([sigma] * 2),
-                                    radius).numpy() * 255
+    ours = augment.apply_blur(tf.constant(images, tf.float32), tf.constant([sigma] * 2),
+                              radius).numpy() * 255
     for image, result in zip(images, ours):
         np.testing.assert_array_equal(np.round(result), _fixed_point_blur(image, sigma,
                                                                           radius // 3))
@@ -282,16 +285,18 @@ def test_blur_is_exact_24_bit_fixed_point(sigma):
 
 def test_flip_inside_the_crop_equals_a_flip_after_it():
     images = _images(32, size=16)
-    windows = augment.resized_crop_windows(SEED, 32, 16, 16, scale=(0.2, 1.0))
+    windows = augment.draw_crop_windows(SEED, 32, 16, 16, scale=(0.2, 1.0))
     flip = tf.constant(np.arange(32) % 3 == 0)
-    fused = augment.crop_and_resize_windows(images, windows, 12, flip=flip).numpy()
-    plain = augment.crop_and_resize_windows(images, windows, 12).numpy()
+    fused = augment.apply_crop_windows(images, windows, 12, flip=flip).numpy()
+    plain = augment.apply_crop_windows(images, windows, 12).numpy()
     expected = np.where(flip.numpy()[:, None, None, None], plain[:, :, ::-1], plain)
     np.testing.assert_array_equal(fused, expected)
+    # the weak view is the crop drawn from its crop seed, then the flip drawn from its flip seed
     weak = augment.weak_view(images, SEED, size=12).numpy()
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(SEED, 2))
-    separate = augment.random_flip(augment.random_resized_crop(images, crop_seed, size=12),
-                                   flip_seed).numpy()
+    cropped = augment.random_resized_crop(images, crop_seed, size=12).numpy()
+    flipped = augment.draw_flip(flip_seed, 32).numpy()
+    separate = np.where(flipped[:, None, None, None], cropped[:, :, ::-1], cropped)
     np.testing.assert_array_equal(weak, separate)
 
 
@@ -299,30 +304,27 @@ def test_operations_drawn_for_some_images_leave_the_others_bit_identical():
     images = _images(64, size=8)
     factors, order, _ = augment.draw_color_jitter(SEED, 64)
     applied = tf.constant(np.arange(64) % 2 == 0)
-    jittered = augment.jitter_colors(images, factors, order, applied).numpy()
-    everything = augment.jitter_colors(images, factors, order).numpy()
+    jittered = augment.apply_color_jitter(images, factors, order, applied).numpy()
+    everything = augment.apply_color_jitter(images, factors, order).numpy()
     np.testing.assert_array_equal(jittered[1::2], images.numpy()[1::2])
     np.testing.assert_allclose(jittered[::2], everything[::2], atol=1e-6)
     blurred = augment.gaussian_blur(images, SEED, p=0.5).numpy()
     sigmas, chosen = (t.numpy() for t in augment.draw_blur(SEED, 64))
     np.testing.assert_array_equal(blurred[~chosen], images.numpy()[~chosen])
-    alone = augment.blur_with_sigmas(tf.constant(images.numpy()[chosen]), sigmas[chosen],
-                                     augment.blur_radius(2.0)).numpy()
+    alone = augment.apply_blur(tf.constant(images.numpy()[chosen]), sigmas[chosen],
+                               augment.blur_radius(2.0)).numpy()
     np.testing.assert_array_equal(blurred[chosen], alone)
     gray = augment.random_grayscale(images, SEED, p=0.5).numpy()
     kept = np.all(gray == images.numpy(), axis=(1, 2, 3))
     assert 16 < kept.sum() < 48 and np.all(gray[~kept][..., 0] == gray[~kept][..., 2])
 
 
-def test_views_are_bit_identical_to_the_views_before_the_speed_work():
-    """The input pipeline was made twice as cheap (issue 14) without changing a single value:
-    ``data/views_before_speedups.npz`` holds both views of a fixed batch computed by
-    ``pipeline/augment.py`` as of commit 7c1116f.  A change to the augmentations' numerics
-    must regenerate it on purpose (and say so: it changes what runs train on)."""
-    import os
-
+def test_views_are_bit_identical_to_the_recorded_views():
+    """``data/recorded_views.npz`` holds both views of a fixed batch, the
+    augmentations' numerics recorded once, so that any change to them fails here.  Such a
+    change must regenerate the file on purpose (and say so: it changes what runs train on)."""
     stored = np.load(os.path.join(os.path.dirname(__file__), "data",
-                                  "views_before_speedups.npz"))
+                                  "recorded_views.npz"))
     images = tf.constant(np.random.default_rng(0).random((16, 20, 20, 3)).astype(np.float32))
     np.testing.assert_array_equal(augment.strong_view(images, SEED, size=16).numpy(),
                                   stored["strong"])
@@ -333,8 +335,8 @@ def test_views_are_bit_identical_to_the_views_before_the_speed_work():
 def test_blur_of_a_non_square_image_is_exact_fixed_point():
     image = _natural_image(24, 1)[:12, :20] / 255.0  # 12 x 20: rows and columns differ
     radius = augment.blur_radius(2.0)
-    ours = augment.blur_with_sigmas(tf.constant(image[None], tf.float32), tf.constant([1.3]),
-                                    radius).numpy()[0] * 255
+    ours = augment.apply_blur(tf.constant(image[None], tf.float32), tf.constant([1.3]),
+                              radius).numpy()[0] * 255
     np.testing.assert_array_equal(np.round(ours), _fixed_point_blur(image, 1.3, radius // 3))
 
 

@@ -8,6 +8,7 @@ import pytest
 import numpy as np
 
 from pipeline import callbacks, splits
+from pipeline.run_dir import RunDir
 
 VALIDATION = splits.Selection("train", holdout=144, part="holdout")
 TEST = splits.Selection("test")
@@ -49,8 +50,10 @@ def test_best_follows_validation_even_when_test_disagrees(digits16, tmp_path, mo
     epoch = {"now": 0}
     monitor = _scripted_monitor(digits16, monkeypatch,
                                 {VALIDATION: [0.5, 0.7, 0.6], TEST: [0.9, 0.1, 0.2]}, epoch)
-    best = callbacks.BestCheckpoint(str(tmp_path / "best.weights.h5"),
-                                    split_description=VALIDATION.description)
+    run = RunDir(str(tmp_path))
+    run.make_folders()
+    tmp_path = tmp_path / "checkpoints"
+    best = callbacks.BestCheckpoint(run, split_description=VALIDATION.description)
     best.set_model(monitor.model)
     saved_at = []
     for epoch["now"] in range(3):
@@ -65,8 +68,7 @@ def test_best_follows_validation_even_when_test_disagrees(digits16, tmp_path, mo
     assert info == {"epoch": 2, "knn_top1": 0.7,
                     "split": "validation: 144 examples held out of train"}
     # a resumed run starts from the recorded best: a lower score does not replace it
-    resumed = callbacks.BestCheckpoint(str(tmp_path / "best.weights.h5"),
-                                       split_description=VALIDATION.description)
+    resumed = callbacks.BestCheckpoint(run, split_description=VALIDATION.description)
     resumed.set_model(monitor.model)
     resumed.on_epoch_end(3, {"val_knn_top1": 0.65})
     assert json.load(open(tmp_path / "best.json"))["epoch"] == 2
@@ -75,10 +77,12 @@ def test_best_follows_validation_even_when_test_disagrees(digits16, tmp_path, mo
 
 
 def test_epochs_without_a_score_are_skipped_quietly(tmp_path, recwarn):
-    best = callbacks.BestCheckpoint(str(tmp_path / "best.weights.h5"), split_description="v")
+    run = RunDir(str(tmp_path))
+    run.make_folders()
+    best = callbacks.BestCheckpoint(run, split_description="v")
     best.set_model(_tiny_model())
     best.on_epoch_end(0, {"loss": 1.0})
-    assert not os.path.exists(tmp_path / "best.weights.h5")
+    assert os.listdir(tmp_path / "checkpoints") == []
     assert not [w for w in recwarn if "val_knn_top1" in str(w.message)]
 
 
@@ -98,28 +102,18 @@ def _dense_model(value):
     return model
 
 
-def _write_backup(folder, value, epoch, suffix=""):
-    os.makedirs(folder, exist_ok=True)
-    _dense_model(value).save_weights(os.path.join(folder, "latest.weights.h5"))
-    if suffix:
-        os.replace(os.path.join(folder, "latest.weights.h5"),
-                   os.path.join(folder, "latest.weights.h5" + suffix))
-    with open(os.path.join(folder, "training_metadata.json" + suffix), "w") as handle:
-        json.dump({"epoch": epoch, "batch": 0}, handle)
-
-
-def _restore(backup_dir, restore_dir=None):
+def _restore(run_path, write_path=None):
     model = _dense_model(0.0)
-    callback = callbacks.ClusterBackupAndRestore(backup_dir, restore_dir=restore_dir)
+    callback = callbacks.Backup(RunDir(run_path, write_path))
     callback.set_model(model)
     callback.on_train_begin()
     return model, callback
 
 
-def _saved(folder, values):
-    """A backup folder after the callback saved epochs 1, 2, ... with these weight values."""
+def _saved(run_path, values):
+    """A run folder after the callback backed up epochs 1, 2, ... with these weight values."""
     model = _dense_model(0.0)
-    callback = callbacks.ClusterBackupAndRestore(folder)
+    callback = callbacks.Backup(RunDir(run_path))
     callback.set_model(model)
     for epoch, value in enumerate(values):
         model.set_weights([np.full((2, 1), value, np.float32), np.zeros(1, np.float32)])
@@ -127,17 +121,19 @@ def _saved(folder, values):
     return callback
 
 
-def _restored(folder):
-    model, _ = _restore(folder)
-    return model.get_weights()[0][0, 0], model._initial_epoch
+def _restored(run_path):
+    """The weight restored and the epochs done that the trainer resumes after."""
+    model, callback = _restore(run_path)
+    return model.get_weights()[0][0, 0], callback.run.readable_backup()[1]
 
 
 @pytest.mark.parametrize("kill", ["half-written latest weights", "latest weights missing",
                                   "latest metadata emptied", "weights of the next save"])
 def test_a_kill_in_mid_save_restores_the_previous_backup(tmp_path, kill):
-    folder = str(tmp_path / "backup")
-    _saved(folder, [2.0, 3.0])
-    assert _restored(folder) == (3.0, 2)
+    run_path = str(tmp_path / "run")
+    folder = os.path.join(run_path, "backup")
+    _saved(run_path, [2.0, 3.0])
+    assert _restored(run_path) == (3.0, 2)
     weights, metadata = (os.path.join(folder, name)
                          for name in ("latest.weights.h5", "training_metadata.json"))
     if kill == "half-written latest weights":
@@ -150,42 +146,34 @@ def test_a_kill_in_mid_save_restores_the_previous_backup(tmp_path, kill):
     else:  # the next epoch's weights are in place, its metadata is not yet
         _dense_model(4.0).save_weights(str(tmp_path / "next.weights.h5"))
         os.replace(str(tmp_path / "next.weights.h5"), weights)
-    assert _restored(folder) == (2.0, 1)
-    assert callbacks.readable_backup(folder)[1] == 1
+    assert _restored(run_path) == (2.0, 1)
 
 
 def test_a_damaged_latest_backup_never_becomes_the_previous_one(tmp_path):
-    folder = str(tmp_path / "backup")
-    callback = _saved(folder, [2.0, 3.0])
+    run_path = str(tmp_path / "run")
+    folder = os.path.join(run_path, "backup")
+    callback = _saved(run_path, [2.0, 3.0])
     with open(os.path.join(folder, "latest.weights.h5"), "wb") as handle:
         handle.write(b"half-written")
     callback.model.set_weights([np.full((2, 1), 4.0, np.float32), np.zeros(1, np.float32)])
     callback.on_epoch_end(2)  # the stock callback would now copy the damaged file to .bkp
-    assert _restored(folder) == (4.0, 3)
+    assert _restored(run_path) == (4.0, 3)
     os.remove(os.path.join(folder, "latest.weights.h5"))
-    assert _restored(folder) == (2.0, 1)  # the good previous backup survived
-
-
-def test_backups_of_the_stock_callback_still_restore(tmp_path):
-    folder = str(tmp_path / "backup")
-    _write_backup(folder, 2.0, epoch=2, suffix=".bkp")
-    _write_backup(folder, 3.0, epoch=3)
-    assert _restored(folder) == (3.0, 3)
-    with open(os.path.join(folder, "latest.weights.h5"), "wb") as handle:
-        handle.write(b"half-written")
-    assert _restored(folder) == (2.0, 2)
+    assert _restored(run_path) == (2.0, 1)  # the good previous backup survived
 
 
 def test_a_worker_restores_the_chiefs_backup_and_writes_only_its_own(tmp_path):
-    chief, own = str(tmp_path / "run" / "backup"), str(tmp_path / "worker" / "backup")
-    _write_backup(chief, 5.0, epoch=4)
-    before = sorted(os.listdir(chief))
-    model, callback = _restore(own, restore_dir=chief)
-    assert model.get_weights()[0][0, 0] == 5.0 and model._initial_epoch == 4
+    chief, own = str(tmp_path / "run"), str(tmp_path / "worker")
+    _saved(chief, [1.0, 2.0, 3.0, 5.0])
+    before = {name: open(os.path.join(chief, "backup", name), "rb").read()
+              for name in os.listdir(os.path.join(chief, "backup"))}
+    model, callback = _restore(chief, own)
+    assert model.get_weights()[0][0, 0] == 5.0 and callback.run.readable_backup()[1] == 4
     callback.on_epoch_end(4)
-    assert sorted(os.listdir(chief)) == before
-    assert json.load(open(os.path.join(chief, "training_metadata.json")))["epoch"] == 4
-    assert json.load(open(os.path.join(own, "training_metadata.json")))["epoch"] == 5
+    assert {name: open(os.path.join(chief, "backup", name), "rb").read()
+            for name in os.listdir(os.path.join(chief, "backup"))} == before
+    assert json.load(open(os.path.join(chief, "backup", "training_metadata.json")))["epoch"] == 4
+    assert json.load(open(os.path.join(own, "backup", "training_metadata.json")))["epoch"] == 5
 
 
 def test_epoch_checkpoints_follow_the_run_not_the_fit_call(tmp_path):

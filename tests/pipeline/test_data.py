@@ -181,7 +181,8 @@ def _contexts(count):
 
 
 def test_input_pipelines_shard_by_file_when_there_are_enough_shards(class_sorted, monkeypatch):
-    from pipeline.prepared_dataset import read_split, split_files
+    from beam_jobs.dataset_format import split_files
+    from pipeline.prepared_dataset import read_split
 
     # the fixture's 2 hash-filled shards of ~300 may differ by more than the 10% that
     # decides the policy (tested below); here the reading itself is under test

@@ -98,7 +98,8 @@ def test_off_size_images_get_the_same_pixels_in_preparation_and_serving(exported
     bytes to serving_default; both must produce the same 16 px image (within 1 grey level)."""
     from beam_jobs.prepare import run as prepare
     from PIL import Image
-    from pipeline.prepared_dataset import load_manifest, read_split
+    from beam_jobs.dataset_format import load_manifest
+    from pipeline.prepared_dataset import read_split
 
     run_dir, _, path = exported
     rng = np.random.default_rng(3)

@@ -118,7 +118,7 @@ class _StopAfter(keras.callbacks.Callback):
 
 
 class _StateAtStart(keras.callbacks.Callback):
-    """Records the model's state once BackupAndRestore has restored it."""
+    """Records the model's state once the backup has been restored."""
 
     def on_train_begin(self, logs=None):
         self.queue = self.model.queue.numpy()
@@ -325,34 +325,11 @@ def test_divergence_leaves_the_last_good_backup_and_a_rerun_resumes_from_it(digi
     assert state.iterations == 512 // 64 and np.isfinite(summary["final"]["loss"])
 
 
-def test_runs_made_by_the_previous_version_still_evaluate(trained_run, tmp_path):
-    import shutil
-
-    import yaml
-
-    run_dir = str(tmp_path / "old_run")
-    shutil.copytree(trained_run[0], run_dir)
-    config = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
-    config["data"]["blur"] = "auto"
-    config["evaluation"]["linear_milestones"] = [20, 25]
-    config["evaluation"]["linear_epochs"] = 30
-    yaml.safe_dump(config, open(os.path.join(run_dir, "config.yaml"), "w"))
-    best_path = os.path.join(run_dir, "checkpoints", "best.json")
-    best = json.load(open(best_path))
-    del best["split"]
-    json.dump(best, open(best_path, "w"))
-    report = evaluate_run(run_dir, checkpoint="best", linear=False)
-    assert "before validation hold-outs existed" in report["checkpoint"]["selected_by"]
-    from pipeline.run_dir import load_run_config
-
-    assert load_run_config(run_dir).evaluation.linear_milestones == pytest.approx([2 / 3, 5 / 6])
-
-
 def test_a_dataset_without_a_train_split_fails_with_a_clear_error(tmp_path):
     from PIL import Image
 
     from beam_jobs.prepare import run as prepare
-    from pipeline.prepared_dataset import DatasetError, load_manifest
+    from beam_jobs.dataset_format import DatasetError, load_manifest
 
     for index in range(4):
         folder = tmp_path / "raw" / "test" / f"c{index % 2}"
