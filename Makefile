@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all clean
+.PHONY: demo lint test test-all clean
 
 $(STAMP): requirements.txt setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: ASCL needs Python 3.11 (set PYTHON=...)"; exit 1; }
@@ -17,7 +17,12 @@ $(STAMP): requirements.txt setup.py
 demo: $(STAMP)
 	$(VENV)/bin/ascl demo
 
-test: $(STAMP)
+# ruff.toml states the lint rules, .importlinter the packages' layering
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(VENV)/bin/python -m pytest -m "not slow"
 
 test-all: $(STAMP)

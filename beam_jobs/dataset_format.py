@@ -131,7 +131,9 @@ def decode_example(serialized, image_shape, *, with_id=False):
 
 
 def _join(directory, name):
-    return posixpath.join(directory, name) if "://" in directory else f"{directory.rstrip('/')}/{name}"
+    if "://" in directory:
+        return posixpath.join(directory, name)
+    return f"{directory.rstrip('/')}/{name}"
 
 
 def load_manifest(directory, *, verify_shards=True):

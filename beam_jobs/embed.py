@@ -30,9 +30,10 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_jobs.errors import InputError, OutputExists
+from beam_jobs.atomic_json import write_json
 from beam_jobs.dataset_format import load_manifest, parse_example, shard_file_glob
 from beam_jobs.embed_output import EMBED_INFO_NAME, EMBEDDINGS_PREFIX
+from beam_jobs.errors import InputError, OutputExists
 from beam_jobs.images import InvalidImage, decode_image, square_and_resize, validate_pixels
 from beam_jobs.sources import ReadFolder
 
@@ -123,7 +124,7 @@ def _prepare_output(output, overwrite):
         return
     existing = [m.path for m in FileSystems.match([f"{output}/*"])[0].metadata_list]
     if existing and not overwrite:
-        names = sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in existing)
+        names = sorted(FileSystems.split(path.rstrip("/"))[1] for path in existing)
         raise OutputExists(f"{output} is not empty ({', '.join(names[:5])}"
                               f"{', ...' if len(names) > 5 else ''}); pass --overwrite to "
                               f"replace what is there, or choose another --output")
@@ -201,6 +202,8 @@ def build_parser():
 
 def run(argv=None):
     """Runs the job; returns the number of embeddings written."""
+    # Over 60 lines on purpose: the job's steps (check the export and the output, build the
+    # pipeline, write the info file last) in the order they run, like prepare.run.
     args, beam_args = build_parser().parse_known_args(argv)
     info = _read_export_info(args.model)
     height = info["image_shape"][0]
@@ -274,8 +277,7 @@ def _write_embed_info(output, args, export_info, count):
               "embedding_dim": export_info.get("embedding_dim"), "input": args.input,
               "split": None if args.input.startswith("folder:") else args.split,
               "count": count}
-    with FileSystems.create(f"{output}/{EMBED_INFO_NAME}") as handle:
-        handle.write(json.dumps(record, indent=2).encode())
+    write_json(FileSystems.join(output, EMBED_INFO_NAME), record, indent=2)
 
 
 def main(argv=None):

@@ -29,12 +29,23 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 
-from beam_jobs.errors import InputError, OutputExists
 from beam_jobs.atomic_json import write_json
-from beam_jobs.dataset_format import (DEAD_LETTERS_NAME, FORMAT_VERSION, MANIFEST_NAME,
-                                      encode_example, is_dataset_file, shard_file_name)
-from beam_jobs.images import (InvalidImage, decode_image, encode_png, square_and_resize,
-                              validate_pixels)
+from beam_jobs.dataset_format import (
+    DEAD_LETTERS_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    encode_example,
+    is_dataset_file,
+    shard_file_name,
+)
+from beam_jobs.errors import InputError, OutputExists
+from beam_jobs.images import (
+    InvalidImage,
+    decode_image,
+    encode_png,
+    square_and_resize,
+    validate_pixels,
+)
 from beam_jobs.sources import source_transform
 from beam_jobs.tfrecord import encode_record
 
@@ -88,7 +99,8 @@ class ChannelMeanStd(beam.CombineFn):
     def merge_accumulators(self, accumulators):
         count, total, squares = self.create_accumulator()
         for other_count, other_total, other_squares in accumulators:
-            count, total, squares = count + other_count, total + other_total, squares + other_squares
+            count, total, squares = (count + other_count, total + other_total,
+                                     squares + other_squares)
         return count, total, squares
 
     def extract_output(self, accumulator):
@@ -191,7 +203,8 @@ def _write_file(path, chunks, **info):
             size += len(chunk)
     finally:
         handle.close()
-    return {**info, "file": path.rsplit("/", 1)[-1], "size_bytes": size, "sha256": digest.hexdigest()}
+    return {**info, "file": FileSystems.split(path)[1], "size_bytes": size,
+            "sha256": digest.hexdigest()}
 
 
 class WriteManifest(beam.DoFn):
@@ -238,7 +251,7 @@ class WriteManifest(beam.DoFn):
             "train_statistics": stats,
             "num_inputs": input_count,
             "dead_letters": {"count": dead_count,
-                             "files": sorted(path.rsplit("/", 1)[-1] for path in dead_files)},
+                             "files": sorted(FileSystems.split(path)[1] for path in dead_files)},
         }
         write_json(FileSystems.join(self.output, MANIFEST_NAME), manifest, indent=2)
         yield manifest
@@ -320,7 +333,7 @@ def _dataset_files(folder):
     if not FileSystems.exists(folder):
         return []
     return [m.path for m in FileSystems.match([FileSystems.join(folder, "*")])[0].metadata_list
-            if is_dataset_file(m.path.rsplit("/", 1)[-1])]
+            if is_dataset_file(FileSystems.split(m.path)[1])]
 
 
 def _prepare_output(output, overwrite):
@@ -357,7 +370,7 @@ def _swap_in(staging, output):
         FileSystems.delete(old)
     staged = _dataset_files(staging)
     if staged:
-        FileSystems.rename(staged, [FileSystems.join(output, path.rsplit("/", 1)[-1])
+        FileSystems.rename(staged, [FileSystems.join(output, FileSystems.split(path)[1])
                                     for path in staged])
     FileSystems.rename([FileSystems.join(staging, MANIFEST_NAME)], [manifest])
     FileSystems.delete([staging])

@@ -259,7 +259,8 @@ class ReadTfds(beam.PTransform):
                       if isinstance(feature, tfds.features.ClassLabel)]
         self.name, self.data_dir, self.slices = name, data_dir, slices
         self.image_key = image_keys[0]
-        self.label_key = "label" if "label" in label_keys else (label_keys[0] if label_keys else None)
+        self.label_key = ("label" if "label" in label_keys
+                          else (label_keys[0] if label_keys else None))
         self.class_names = list(features[self.label_key].names) if self.label_key else []
         available = list(builder.info.splits.keys())
         self.splits = splits.split(",") if splits else available

@@ -53,9 +53,9 @@ def _keyed(paths, payload=PAYLOAD):
 
 CASES = {
     "listing": lambda paths: paths,
-    "five_maps": lambda paths: (paths | "M1" >> beam.Map(lambda x: x) | "M2" >> beam.Map(lambda x: x)
-                                | "M3" >> beam.Map(lambda x: x) | "M4" >> beam.Map(lambda x: x)
-                                | "M5" >> beam.Map(lambda x: x)),
+    "five_maps": lambda paths: (paths | "M1" >> beam.Map(lambda x: x)
+                                | "M2" >> beam.Map(lambda x: x) | "M3" >> beam.Map(lambda x: x)
+                                | "M4" >> beam.Map(lambda x: x) | "M5" >> beam.Map(lambda x: x)),
     "count": lambda paths: paths | beam.combiners.Count.Globally(),
     "group_by_key": lambda paths: (_keyed(paths) | beam.GroupByKey()
                                    | beam.Map(lambda group: len(group[1]))),

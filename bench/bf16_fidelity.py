@@ -42,9 +42,9 @@ def main():
     parser.add_argument("--data", default=".data/cifar10-prepared")
     args = parser.parse_args()
 
+    from beam_jobs.dataset_format import load_manifest
     from pipeline.evaluate import knn_accuracy
     from pipeline.export import export_run
-    from beam_jobs.dataset_format import load_manifest
 
     manifest = load_manifest(args.data)
     base = tempfile.mkdtemp(prefix="bf16-fidelity-")
@@ -67,8 +67,9 @@ def main():
                "knn_top1_float32": knn["float32"], "knn_top1_bfloat16": knn["bfloat16"],
                "knn_difference_points": round(100 * (knn["bfloat16"] - knn["float32"]), 2)}
     print(json.dumps(results, indent=1))
-    with open(RESULTS, "w") as handle:
-        json.dump(results, handle, indent=1)
+    from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+    write_json(RESULTS, results, indent=1)
 
 
 if __name__ == "__main__":

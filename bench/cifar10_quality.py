@@ -108,9 +108,9 @@ def overrides(args, part, arm, seed):
 
 
 def train_one(args, part, arm, seed, result_path):
+    from beam_jobs.dataset_format import load_manifest
     from pipeline.config import load_config
     from pipeline.evaluate import linear_probe
-    from beam_jobs.dataset_format import load_manifest
     from pipeline.run_dir import load_trained_model
     from pipeline.train import train
 
@@ -145,10 +145,9 @@ def train_one(args, part, arm, seed, result_path):
 
 
 def _dump_json(value, path):
-    """Writes ``path`` whole or not at all (a reader never sees half a file)."""
-    with open(path + ".tmp", "w") as handle:
-        json.dump(value, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    from beam_jobs.atomic_json import write_json  # TensorFlow: imported when needed
+
+    write_json(path, value, indent=1)
 
 
 def _mean_std(values):
@@ -225,7 +224,6 @@ def plot(summary, raw_pixel, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     parts = sorted({info["part"] for info in summary.values()})
@@ -237,7 +235,7 @@ def plot(summary, raw_pixel, path):
                                 sharex="col", gridspec_kw={"height_ratios": [3, 2]})
     for column, part in enumerate(parts):
         knn_axis, purity_axis = axes[0][column], axes[1][column]
-        for arm, info in summary.items():
+        for _arm, info in summary.items():
             if info["part"] != part:
                 continue
             epochs = range(1, len(info["per_epoch_mean"]) + 1)
@@ -323,7 +321,7 @@ def markdown_table(summary, epochs=(1, 5, 10, 20)):
     header = ("| part | arm | seeds | " + " | ".join(f"kNN ep {e}" for e in epochs)
               + " | kNN last | linear |")
     lines = [header, "|" + "---|" * (5 + len(epochs))]
-    for key, info in sorted(summary.items(), key=lambda item: (item[1]["part"], item[1]["arm"])):
+    for _key, info in sorted(summary.items(), key=lambda item: (item[1]["part"], item[1]["arm"])):
         seeds = len(info["seeds"])
         per_epoch = []
         for epoch in epochs:
@@ -387,8 +385,8 @@ def main():
             print("  to do:", run_name(*item))
         return
 
-    from pipeline.evaluate import raw_pixel_knn
     from beam_jobs.dataset_format import load_manifest
+    from pipeline.evaluate import raw_pixel_knn
 
     base_path = os.path.join(args.out, "cifar10_raw_pixel_knn.json")
     if os.path.exists(base_path):
@@ -398,8 +396,7 @@ def main():
         base = raw_pixel_knn(load_manifest(args.data), train_split="train", eval_split="test",
                              k=200, temperature=0.1, batch_size=1000)
         os.makedirs(results_dir, exist_ok=True)
-        with open(base_path, "w") as handle:
-            json.dump(base, handle)
+        _dump_json(base, base_path)
     seconds_per_epoch = []
     for done, (part, arm, seed) in enumerate(todo[:args.max_runs or None]):
         start = time.perf_counter()

@@ -14,8 +14,9 @@ raw bytes of a sample of test images, which must give the same neighbours).
 Metrics, by class label: precision@10 (the share of the 10 neighbours of the
 query's class) and mAP@100 (per query, the sum of precision@i over the ranks
 i <= 100 that hold an image of the query's class, divided by min(100, images of
-that class in the gallery), i.e. by 100 here; averaged over queries).  The raw-pixel baseline is the same exact cosine search on the
-normalised pixels, in NumPy.  Results: ``OUT/cifar10_retrieval.json`` (an arm
+that class in the gallery), i.e. by 100 here; averaged over queries).  The
+raw-pixel baseline is the same exact cosine search on the normalised pixels, in
+NumPy.  Results: ``OUT/cifar10_retrieval.json`` (an arm
 at a time, so a rerun skips finished arms) and a contact sheet of one query
 (``OUT/cifar10_search_sheet.png``, drawn by ``ascl search --sheet``).
 """
@@ -67,11 +68,11 @@ def train_encoder(args, arm):
 
 
 def encoder_retrieval(args, arm, work):
+    import tensorflow as tf
+
     from beam_jobs.embed import run as embed
     from pipeline.export import export_run
     from pipeline.gallery import read_gallery
-
-    import tensorflow as tf
 
     run_dir = train_encoder(args, arm)
     with open(os.path.join(run_dir, "history.json")) as handle:
@@ -117,10 +118,10 @@ def encoder_retrieval(args, arm, work):
 
 
 def raw_pixel_retrieval(args):
+    from beam_jobs.dataset_format import load_manifest
     from pipeline import data
     from pipeline.evaluate import embed, flatten_pixels
     from pipeline.gallery import brute_force_search
-    from beam_jobs.dataset_format import load_manifest
 
     manifest = load_manifest(args.data)
     train, train_labels = embed(flatten_pixels, data.eval_dataset(manifest, "train",
@@ -162,8 +163,9 @@ def main():
             report = json.load(handle)
 
     def save():
-        with open(path + ".tmp", "w") as handle:
-            json.dump(report, handle, indent=1)
+        from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+        write_json(path + ".tmp", report, indent=1)
         os.replace(path + ".tmp", path)
 
     if "raw_pixels" not in report["results"]:

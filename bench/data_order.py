@@ -59,9 +59,9 @@ def main():
                         help="config override, as for ascl train")
     args = parser.parse_args()
 
+    from beam_jobs.dataset_format import load_manifest
     from pipeline import data
     from pipeline.config import load_config
-    from beam_jobs.dataset_format import load_manifest
     from pipeline.train import training_selections
 
     config = load_config(args.config, [f"data.dataset={args.data}", *args.set])
@@ -98,8 +98,9 @@ def write_result(path, result):
             runs = {run["label"]: run for run in json.load(handle)["runs"]}
     runs[result["label"]] = result
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump({"runs": list(runs.values())}, handle, indent=2)
+    from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+    write_json(path, {"runs": list(runs.values())}, indent=2)
 
 
 if __name__ == "__main__":

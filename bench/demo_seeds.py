@@ -84,8 +84,9 @@ def main(argv=None):
                    "test_digits": summary["examples"].get("test"), "per_seed": per_seed,
                    "spread": spread(per_seed)}
         os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS + ".tmp", "w") as handle:
-            json.dump(results, handle, indent=1)
+        from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+        write_json(RESULTS + ".tmp", results, indent=1)
         os.replace(RESULTS + ".tmp", RESULTS)
         print(f"seed {seed}: " + ", ".join(f"{s} {summary[s]:.4f}" for s in SCORES))
     print(json.dumps(results.get("spread"), indent=1))

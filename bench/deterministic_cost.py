@@ -59,8 +59,9 @@ def main():
             "per_process": {arm: speeds[arm][name] for arm in speeds}} for name in names},
     }
     print(json.dumps(results, indent=2))
-    with open(args.json, "w") as handle:
-        json.dump(results, handle, indent=2)
+    from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+    write_json(args.json, results, indent=2)
 
 
 if __name__ == "__main__":

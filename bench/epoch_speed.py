@@ -116,8 +116,9 @@ def main():
             "per_repeat": {k: [round(v, 1) for v in vals] for k, vals in rates[case].items()}}
     print(json.dumps(results, indent=2))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+        write_json(args.json, results, indent=2)
 
 
 if __name__ == "__main__":

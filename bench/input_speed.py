@@ -48,8 +48,9 @@ def main():
               "runs": runs, "median_pairs_per_second": {k: statistics.median(v)
                                                         for k, v in runs.items()}}
     print(json.dumps(result, indent=2))
-    with open(args.json, "w") as handle:
-        json.dump(result, handle, indent=2)
+    from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+    write_json(args.json, result, indent=2)
 
 
 if __name__ == "__main__":

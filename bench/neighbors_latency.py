@@ -155,8 +155,9 @@ def main():
                 row = measure(size, dim, args.calls, workdir)
                 print(json.dumps(row), flush=True)
                 results["rows"].append(row)
-                with open(args.json + ".tmp", "w") as handle:
-                    json.dump(results, handle, indent=1)
+                from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+                write_json(args.json + ".tmp", results, indent=1)
                 os.replace(args.json + ".tmp", args.json)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Picture: what the encoders consider similar — nearest training images of fixed test images.
 
-    python bench/neighbours.py --runs runs/cifar10_quality/a/moco-seed0 runs/cifar10_quality/a/ascl-seed0
+    python bench/neighbours.py --runs runs/cifar10_quality/a/moco-seed0
+                                      runs/cifar10_quality/a/ascl-seed0
 
 For 8 fixed test images (a class-mixed, hash-chosen sample, the same for every encoder),
 each encoder's 8 nearest training images by cosine similarity of backbone features (the

@@ -78,12 +78,14 @@ def main():
     loop, beam = statistics.median(results["plain_loop_s"]), statistics.median(results["beam_s"])
     summary = {"files": count, "runs": args.runs, "beam_args": args.beam_args,
                "plain_loop_median_s": round(loop, 1), "beam_median_s": round(beam, 1),
-               "plain_loop_images_per_s": round(count / loop), "beam_images_per_s": round(count / beam),
+               "plain_loop_images_per_s": round(count / loop),
+               "beam_images_per_s": round(count / beam),
                "beam_over_loop_time_ratio": round(beam / loop, 2), **results}
     print(json.dumps(summary, indent=2))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(summary, handle, indent=2)
+        from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+        write_json(args.json, summary, indent=2)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@
 Exports ResNet-18 (CIFAR stem, 32 px) and the small CNN exactly as ``ascl export``
 does, in each precision (``--precision``: float32, or bfloat16 under Keras's
 ``bfloat16`` policy, as ``pipeline.export.load_for_export`` builds it; weights are
-freshly initialised: speed does not depend on them), loads each SavedModel with ``tf.saved_model.load`` and times
-``serving_default`` on PNG bytes: batch 1 and batch 32 (latency p50, p99 over
-``--calls`` calls after warm-up, and images/s at the p50), and batch 256 (images/s,
+freshly initialised: speed does not depend on them), loads each SavedModel with
+``tf.saved_model.load`` and times ``serving_default`` on PNG bytes: batch 1 and batch
+32 (latency p50, p99 over ``--calls`` calls after warm-up, and images/s at the p50),
+and batch 256 (images/s,
 median of ``--repeats``).  The exports are timed alternately, in ``--rounds`` rounds
 of ``calls / rounds`` calls each, so a slow phase of a shared machine hits every
 export alike.  A call's latency includes decoding the PNGs in the graph and reading
@@ -113,8 +114,9 @@ def main():
                                              / f32["batch256_images_per_s"], 3)}
     print(json.dumps(results, indent=2))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+        write_json(args.json, results, indent=2)
 
 
 if __name__ == "__main__":

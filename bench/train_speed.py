@@ -137,8 +137,9 @@ def main():
         if batches[name] == batches[reference]}
     print(json.dumps(results, indent=2))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+        write_json(args.json, results, indent=2)
 
 
 if __name__ == "__main__":

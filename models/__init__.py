@@ -9,9 +9,18 @@ from models.backbones import BACKBONES, build_backbone, resnet, small_cnn
 from models.byol_model import BYOLModel, prediction_head
 from models.heads import projection_head
 from models.normalization import NORMALIZATIONS, SplitBatchNormalization, normalization_layer
-from models.objective import (BYOL_MODES, MODES, ascl_loss, ascl_targets, byol_ascl_loss,
-                              byol_ascl_targets, byol_regression_loss, contrastive_logits,
-                              soft_cross_entropy, validate_objective_args)
+from models.objective import (
+                              BYOL_MODES,
+                              MODES,
+                              ascl_loss,
+                              ascl_targets,
+                              byol_ascl_loss,
+                              byol_ascl_targets,
+                              byol_regression_loss,
+                              contrastive_logits,
+                              soft_cross_entropy,
+                              validate_objective_args,
+)
 
 __all__ = [
     "ASCLModel", "BACKBONES", "BYOLModel", "BYOL_MODES", "MODES", "NORMALIZATIONS",

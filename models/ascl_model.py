@@ -28,8 +28,12 @@ import keras
 import tensorflow as tf
 
 from models.momentum_encoder import MomentumEncoderModel, l2_normalize, replica_offset
-from models.objective import ascl_targets, contrastive_logits, soft_cross_entropy
-from models.objective import validate_objective_args
+from models.objective import (
+    ascl_targets,
+    contrastive_logits,
+    soft_cross_entropy,
+    validate_objective_args,
+)
 
 
 def _unit_rows_initializer(seed):

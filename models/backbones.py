@@ -43,7 +43,8 @@ def _basic_block(x, filters, strides, norm, bn_splits, name):
     y = normalization_layer(norm, bn_splits=bn_splits, name=f"{name}_norm2")(y)
     if strides != 1 or x.shape[-1] != filters:
         shortcut = _conv(filters, 1, strides, use_bias, f"{name}_proj")(x)
-        shortcut = normalization_layer(norm, bn_splits=bn_splits, name=f"{name}_proj_norm")(shortcut)
+        shortcut = normalization_layer(norm, bn_splits=bn_splits,
+                                       name=f"{name}_proj_norm")(shortcut)
     y = layers.Add(name=f"{name}_add")([shortcut, y])
     return layers.ReLU(name=f"{name}_out")(y)
 
@@ -61,7 +62,8 @@ def _bottleneck_block(x, filters, strides, norm, bn_splits, name, expansion=4):
     y = normalization_layer(norm, bn_splits=bn_splits, name=f"{name}_norm3")(y)
     if strides != 1 or x.shape[-1] != filters * expansion:
         shortcut = _conv(filters * expansion, 1, strides, use_bias, f"{name}_proj")(x)
-        shortcut = normalization_layer(norm, bn_splits=bn_splits, name=f"{name}_proj_norm")(shortcut)
+        shortcut = normalization_layer(norm, bn_splits=bn_splits,
+                                       name=f"{name}_proj_norm")(shortcut)
     y = layers.Add(name=f"{name}_add")([shortcut, y])
     return layers.ReLU(name=f"{name}_out")(y)
 
@@ -95,7 +97,8 @@ def resnet(depth, *, input_shape=(32, 32, 3), stem="cifar", norm="batch", bn_spl
       512
     """
     if depth not in RESNET_LAYOUTS:
-        raise ValueError(f"`depth` must be one of {sorted(RESNET_LAYOUTS)}, received depth={depth!r}")
+        raise ValueError(f"`depth` must be one of {sorted(RESNET_LAYOUTS)}, "
+                         f"received depth={depth!r}")
     if stem not in STEMS:
         raise ValueError(f"`stem` must be one of {STEMS}, received stem={stem!r}")
     block_kind, stage_blocks, widths = RESNET_LAYOUTS[depth]

@@ -68,7 +68,8 @@ def validate_objective_args(*, t1=None, t2=None, num_neighbors=None, mode=None,
     if num_neighbors is not None:
         if not isinstance(num_neighbors, int) or num_neighbors < 1:
             raise ValueError(
-                f"`num_neighbors` must be an integer >= 1, received num_neighbors={num_neighbors!r}")
+                "`num_neighbors` must be an integer >= 1, "
+                f"received num_neighbors={num_neighbors!r}")
         if memory_size is not None and num_neighbors > memory_size:
             raise ValueError(
                 f"`num_neighbors` must be <= memory_size ({memory_size}), "

@@ -156,6 +156,7 @@ def build_parser(command=None):
     flags of train and export take their choices from modules that import TensorFlow, so
     they are added only for that command (or for every command when None), which keeps
     ``ascl --help`` and the other commands' help instant."""
+    # Long but flat: one block per subcommand, in the order `ascl --help` lists them.
     parser = argparse.ArgumentParser(
         prog="ascl",
         description="Adaptive Soft Contrastive Learning (Feng & Patras, ICPR 2022) in "

@@ -64,6 +64,15 @@ def _one_of(default, choices):
     return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
 
 
+def _bounded(default=None, *, at_least=None, above=None, factory=None):
+    """A number (or a list of numbers, from ``factory``) that must be ``>= at_least`` or
+    ``> above``: the bound is declared with the field and ``validate`` checks it."""
+    metadata = {"at_least": at_least} if at_least is not None else {"above": above}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass
 class DataConfig:
     dataset: str = ""                 # folder written by `ascl prepare` (local or gs://)
@@ -72,15 +81,19 @@ class DataConfig:
     validation_size: float = 0.1      # held out of train_split (never pre-trained on) to choose
                                       # the `best` checkpoint by kNN: a count if >= 1, a fraction
                                       # if < 1, 0 for none (then there is no `best`)
-    key_view: str = _one_of("weak", ("weak", "strong"))  # "weak" (crop + flip) or "strong" (the paper's ablation)
+    key_view: str = _one_of("weak", ("weak", "strong"))  # "weak" (crop + flip) or "strong"
+                                      # (the paper's ablation)
     blur: bool = True                 # Gaussian blur in the strong view (p 0.5, sigma 0.1-2 px),
                                       # at every image size as in the reference
     crop_min_scale: float = 0.2
     flip: bool = True                 # random horizontal flips (off for digits and text)
-    shuffle_buffer: int = 10_000      # when a split is not cached; a cached one is shuffled whole
+    shuffle_buffer: int = _bounded(10_000, at_least=1)
+                                      # when a split is not cached; a cached one is shuffled whole
     cache: bool = True
-    train_limit: int = 0              # train on a fixed class-mixed sample of N images (0: all)
-    eval_limit: int = 0               # evaluate on a fixed class-mixed sample of N per split
+    train_limit: int = _bounded(0, at_least=0)
+                                      # train on a fixed class-mixed sample of N images (0: all)
+    eval_limit: int = _bounded(0, at_least=0)
+                                      # evaluate on a fixed class-mixed sample of N per split
 
 
 @dataclasses.dataclass
@@ -88,48 +101,57 @@ class ModelConfig:
     backbone: str = _one_of("resnet18", BACKBONES)
     stem: str = _one_of("cifar", STEMS)
     norm: str = _one_of("split", NORMALIZATIONS)
-    bn_splits: int = 8
-    cnn_widths: typing.List[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])  # small_cnn
-    projector_hidden: typing.List[int] = dataclasses.field(default_factory=lambda: [2048])
-    projector_dim: int = 128
+    bn_splits: int = _bounded(8, at_least=1)
+    cnn_widths: typing.List[int] = _bounded(at_least=1, factory=lambda: [32, 64, 128])
+                                      # small_cnn
+    projector_hidden: typing.List[int] = _bounded(at_least=1, factory=lambda: [2048])
+    projector_dim: int = _bounded(128, at_least=1)
     projector_norm: str = _one_of("none", NORMALIZATIONS)
-    predictor_hidden: typing.List[int] = dataclasses.field(default_factory=lambda: [512])
+    predictor_hidden: typing.List[int] = _bounded(at_least=1, factory=lambda: [512])
                                       # ascl.framework byol: the predictor projector_dim ->
-    predictor_norm: str = _one_of("batch", NORMALIZATIONS)  # hidden -> projector_dim (reference: 512, batch norm)
+    predictor_norm: str = _one_of("batch", NORMALIZATIONS)  # hidden -> projector_dim
+                                      # (reference: 512, batch norm)
 
 
 @dataclasses.dataclass
 class AsclConfig:
-    framework: str = _one_of("moco", ("moco", "byol"))  # moco: memory queue (ASCLModel); byol: in-batch neighbours,
-                                      # predictor, no queue (BYOLModel)
+    framework: str = _one_of("moco", ("moco", "byol"))  # moco: memory queue (ASCLModel);
+                                      # byol: in-batch neighbours, predictor, no queue
+                                      # (BYOLModel)
     mode: str = "ascl"                # moco: ascl | ahcl | hard | moco; byol: ascl | byol
-    memory_size: int = 4096           # moco only
+    memory_size: int = _bounded(4096, at_least=1)           # moco only
     momentum: float = 0.99
-    t1: float = 0.1                   # moco only
-    t2: float = 0.05
-    num_neighbors: int = 5
+    t1: float = _bounded(0.1, above=0)                   # moco only
+    t2: float = _bounded(0.05, above=0)
+    num_neighbors: int = _bounded(5, at_least=1)
     shuffle_keys: bool = True         # moco only (BYOL's target has no key shuffle)
     symmetric: bool = False           # byol only: add the weak-predicts-strong direction
-    momentum_schedule: str = _one_of("constant", MOMENTUM_SCHEDULES)  # constant | cosine (BYOL's: momentum -> 1)
-    byol_recipe: str = _one_of("project", BYOL_RECIPES)  # byol only: the defaults of the keys a config leaves
-                                      # unset (BYOL_RECIPES): project (learns at small scale)
-                                      # or reference (the official code's; does not learn)
+    momentum_schedule: str = _one_of("constant", MOMENTUM_SCHEDULES)  # constant | cosine
+                                      # (BYOL's: momentum -> 1)
+    byol_recipe: str = _one_of("project", BYOL_RECIPES)  # byol only: the defaults of the
+                                      # keys a config leaves unset (BYOL_RECIPES): project
+                                      # (learns at small scale) or reference (the official
+                                      # code's; does not learn)
 
 
 @dataclasses.dataclass
 class OptimizerConfig:
     batch_size: int = 256             # global batch size
-    lr: float = 0.03                  # base learning rate at reference_batch_size (reference)
-    lr_scaling: str = _one_of("linear", ("linear", "none"))  # "linear": lr * batch_size / reference_batch_size; "none"
-    reference_batch_size: int = 256
+    lr: float = _bounded(0.03, above=0)
+                                      # base learning rate at reference_batch_size (reference)
+    lr_scaling: str = _one_of("linear", ("linear", "none"))  # "linear": lr * batch_size /
+                                      # reference_batch_size; "none"
+    reference_batch_size: int = _bounded(256, at_least=1)
     momentum: float = 0.9
-    weight_decay: float = 5e-4        # L2 on every trainable weight, as torch.optim.SGD does
-    warmup_epochs: float = 5.0        # linear warm-up from 0, then cosine to 0 (per step)
+    weight_decay: float = _bounded(5e-4, at_least=0.0)
+                                      # L2 on every trainable weight, as torch.optim.SGD does
+    warmup_epochs: float = _bounded(5.0, at_least=0.0)
+                                      # linear warm-up from 0, then cosine to 0 (per step)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    epochs: int = 200
+    epochs: int = _bounded(200, at_least=1)
     seed: int = 0
     deterministic: bool = False       # true: also TensorFlow's op determinism (same seed and
                                       # machine give identical weights; measured cost in
@@ -141,28 +163,33 @@ class TrainConfig:
                                       # auto | none | mixed_bfloat16 | mixed_float16; auto:
                                       # bfloat16 where the hardware has it (pipeline.precision)
     jit_compile: str = _one_of("auto", ("auto", "on", "off"))  # auto | on | off
-    steps_per_execution: int = 1
-    checkpoint_every: int = 10        # epochs between checkpoints
-    knn_every: int = 10               # epochs between kNN evaluations (0: never)
-    view_images: int = 4              # augmented pairs written to TensorBoard at the start
-    verbose: int = _one_of(1, (0, 1, 2))  # Keras progress: 1 progress bar, 2 one line per epoch, 0 silent
+    steps_per_execution: int = _bounded(1, at_least=1)
+    checkpoint_every: int = _bounded(10, at_least=1)        # epochs between checkpoints
+    knn_every: int = _bounded(10, at_least=0)
+                                      # epochs between kNN evaluations (0: never)
+    view_images: int = _bounded(4, at_least=0)
+                                      # augmented pairs written to TensorBoard at the start
+    verbose: int = _one_of(1, (0, 1, 2))  # Keras progress: 1 progress bar, 2 one line per
+                                      # epoch, 0 silent
 
 
 @dataclasses.dataclass
 class EvaluationConfig:
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    batch_size: int = 512
-    linear_epochs: int = 100
-    linear_lr: float = 10.0
+    knn_k: int = _bounded(200, at_least=1)
+    knn_temperature: float = _bounded(0.1, above=0)
+    batch_size: int = _bounded(512, at_least=1)
+    linear_epochs: int = _bounded(100, at_least=0)
+    linear_lr: float = _bounded(10.0, above=0)
     linear_milestones: typing.List[float] = dataclasses.field(default_factory=lambda: [0.6, 0.8])
                                       # fractions of linear_epochs where the lr drops tenfold
-    linear_batch_size: int = 256      # linear_lr is for batch 256, scaled linearly
+    linear_batch_size: int = _bounded(256, at_least=1)
+                                      # linear_lr is for batch 256, scaled linearly
     linear_augment: bool = True       # RandomResizedCrop + flip views through the frozen backbone
                                       # every epoch; false: features of centre views, once
     raw_pixel_probe: bool = True      # also the same linear probe on raw pixels (the probe's
                                       # baseline; doubles the probe's cost)
-    projector_samples: int = 1000     # test embeddings written for TensorBoard's projector
+    projector_samples: int = _bounded(1000, at_least=0)
+                                      # test embeddings written for TensorBoard's projector
 
 
 @dataclasses.dataclass
@@ -226,31 +253,32 @@ def _coerce(path, value, annotation):
     return value
 
 
+def _require(holds, path, expected, value):
+    """``ConfigError`` "PATH must be EXPECTED, received VALUE" unless ``holds``."""
+    if not holds:
+        raise ConfigError(f"{path} must be {expected}, received {value!r}")
+
+
 def _choice(path, value, choices):
-    if value not in choices:
-        raise ConfigError(f"{path} must be one of {list(choices)}, received {value!r}")
-
-
-def _at_least(path, value, low):
-    if value < low:
-        raise ConfigError(f"{path} must be >= {low}, received {value!r}")
-
-
-def _positive(path, value):
-    if not value > 0:
-        raise ConfigError(f"{path} must be > 0, received {value!r}")
+    _require(value in choices, path, f"one of {list(choices)}", value)
 
 
 def validate(config):
     """Range and consistency checks; raises ``ConfigError`` naming the key."""
-    d, m, a, o, t, e = (config.data, config.model, config.ascl, config.optimizer, config.train,
-                        config.evaluation)
-    for section in dataclasses.fields(config):  # every field declared with _one_of
+    d, a, o, e = config.data, config.ascl, config.optimizer, config.evaluation
+    for section in dataclasses.fields(config):  # the bounds declared with the fields
         values = getattr(config, section.name)
         for field in dataclasses.fields(values):
-            if "choices" in field.metadata:
-                _choice(f"{section.name}.{field.name}", getattr(values, field.name),
-                        field.metadata["choices"])
+            path, value, bounds = (f"{section.name}.{field.name}", getattr(values, field.name),
+                                   field.metadata)
+            if "choices" in bounds:
+                _choice(path, value, bounds["choices"])
+            for index, item in (enumerate(value) if isinstance(value, list) else [(None, value)]):
+                where = path if index is None else f"{path}[{index}]"
+                if "at_least" in bounds:
+                    _require(item >= bounds["at_least"], where, f">= {bounds['at_least']}", item)
+                if "above" in bounds:
+                    _require(item > bounds["above"], where, f"> {bounds['above']}", item)
     if d.validation_size < 0:
         raise ConfigError(f"data.validation_size must be >= 0 (a count if >= 1, a fraction if "
                           f"< 1), received {d.validation_size!r}")
@@ -259,23 +287,10 @@ def validate(config):
                           f"{d.validation_size!r}")
     if not 0.0 < d.crop_min_scale <= 1.0:
         raise ConfigError(f"data.crop_min_scale must be in (0, 1], received {d.crop_min_scale!r}")
-    _at_least("data.shuffle_buffer", d.shuffle_buffer, 1)
-    _at_least("data.train_limit", d.train_limit, 0)
-    _at_least("data.eval_limit", d.eval_limit, 0)
-    _at_least("model.bn_splits", m.bn_splits, 1)
-    _at_least("model.projector_dim", m.projector_dim, 1)
-    for index, width in enumerate(m.cnn_widths):
-        _at_least(f"model.cnn_widths[{index}]", width, 1)
-    for index, width in enumerate(m.projector_hidden):
-        _at_least(f"model.projector_hidden[{index}]", width, 1)
-    for index, width in enumerate(m.predictor_hidden):
-        _at_least(f"model.predictor_hidden[{index}]", width, 1)
     modes = MODES if a.framework == "moco" else BYOL_MODES
     if a.mode not in modes:
         raise ConfigError(f"ascl.mode must be one of {list(modes)} with ascl.framework "
                           f"{a.framework}, received {a.mode!r}")
-    _at_least("ascl.memory_size", a.memory_size, 1)
-    _at_least("ascl.num_neighbors", a.num_neighbors, 1)
     if a.framework == "moco" and a.num_neighbors > a.memory_size:
         raise ConfigError(f"ascl.num_neighbors must be <= ascl.memory_size ({a.memory_size}), "
                           f"received {a.num_neighbors}")
@@ -284,26 +299,10 @@ def validate(config):
     if a.symmetric and a.framework != "byol":
         raise ConfigError("ascl.symmetric is a BYOL-form option (ascl.framework byol); "
                           f"received it with ascl.framework {a.framework}")
-    _positive("ascl.t1", a.t1)
-    _positive("ascl.t2", a.t2)
-    _at_least("optimizer.batch_size", o.batch_size, 2 if a.framework == "byol" else 1)
-    _positive("optimizer.lr", o.lr)
-    _at_least("optimizer.reference_batch_size", o.reference_batch_size, 1)
+    least = 2 if a.framework == "byol" else 1  # BYOL's neighbours are the batch's others
+    _require(o.batch_size >= least, "optimizer.batch_size", f">= {least}", o.batch_size)
     if not 0.0 <= o.momentum < 1.0:
         raise ConfigError(f"optimizer.momentum must be in [0, 1), received {o.momentum!r}")
-    _at_least("optimizer.weight_decay", o.weight_decay, 0.0)
-    _at_least("optimizer.warmup_epochs", o.warmup_epochs, 0.0)
-    _at_least("train.epochs", t.epochs, 1)
-    _at_least("train.steps_per_execution", t.steps_per_execution, 1)
-    _at_least("train.checkpoint_every", t.checkpoint_every, 1)
-    _at_least("train.knn_every", t.knn_every, 0)
-    _at_least("train.view_images", t.view_images, 0)
-    _at_least("evaluation.knn_k", e.knn_k, 1)
-    _positive("evaluation.knn_temperature", e.knn_temperature)
-    _at_least("evaluation.batch_size", e.batch_size, 1)
-    _at_least("evaluation.linear_epochs", e.linear_epochs, 0)
-    _positive("evaluation.linear_lr", e.linear_lr)
-    _at_least("evaluation.linear_batch_size", e.linear_batch_size, 1)
     for index, fraction in enumerate(e.linear_milestones):
         if not 0.0 < fraction < 1.0:
             raise ConfigError(f"evaluation.linear_milestones[{index}] must be a fraction of "
@@ -311,7 +310,6 @@ def validate(config):
     if list(e.linear_milestones) != sorted(set(e.linear_milestones)):
         raise ConfigError(f"evaluation.linear_milestones must be increasing, received "
                           f"{e.linear_milestones!r}")
-    _at_least("evaluation.projector_samples", e.projector_samples, 0)
     return config
 
 

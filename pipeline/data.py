@@ -159,7 +159,8 @@ def pretrain_dataset(manifest, *, batch_size, seed=0, split="train", input_conte
     epoch (one seed for every input pipeline, so element-wise sharding stays a
     partition) through a ``shuffle_buffer`` of examples.
     """
-    per_replica = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+    per_replica = (input_context.get_per_replica_batch_size(batch_size) if input_context
+                   else batch_size)
     size = manifest["image_shape"][0]
     normalize = normalizer(manifest)
     pipeline_id = input_context.input_pipeline_id if input_context else 0

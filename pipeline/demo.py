@@ -7,11 +7,11 @@ verdict for each comparison that calls a difference inside the measured
 run-to-run range a tie.
 """
 
-import json
 import os
 import shutil
 import time
 
+from beam_jobs.atomic_json import write_json
 from beam_jobs.errors import OutputExists
 from beam_jobs.prepare import run as prepare
 from pipeline.config import load_config
@@ -58,6 +58,8 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False,
     A ``workdir`` the demo made before (it holds ``.ascl-demo``) is replaced; any other
     non-empty folder is refused, so a mistyped ``--workdir`` never deletes a user's files.
     """
+    # One function over 60 lines on purpose: the demo's steps (prepare, train, evaluate,
+    # export, report) read top to bottom in the order a user sees them printed.
     start = time.perf_counter()
     marker = os.path.join(workdir, DEMO_MARKER)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -114,8 +116,7 @@ def run_demo(workdir="runs/demo", *, epochs=None, overrides=(), quiet=False,
     linear_verdict = verdict(summary["linear_probe_top1"],
                              summary["raw_pixel_linear_probe_top1"], measured["linear"])
     summary["verdicts"] = {"knn": knn_verdict, "linear": linear_verdict}
-    with open(os.path.join(workdir, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
+    write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
     say("\nASCL demo summary")
     say(f"  data        {dataset_dir}  ({summary['examples']})")
     say(f"  run         {run_dir}")

@@ -14,8 +14,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import data
 from beam_jobs.atomic_json import write_json
+from pipeline import data
 from pipeline.run_dir import RunDir, load_trained_model
 
 
@@ -72,7 +72,8 @@ def topk_accuracy(scores, labels, ks=(1, 5)):
 
 
 def knn_accuracy(train, test, *, k, temperature, num_classes):
-    """kNN top-1/top-5 of ``test`` features against the ``train`` bank (both ``(features, labels)``)."""
+    """kNN top-1/top-5 of ``test`` features against the ``train`` bank (both
+    ``(features, labels)``)."""
     labelled = train[1] >= 0
     scores = knn_scores(train[0][labelled], train[1][labelled], test[0], k=k,
                         temperature=temperature, num_classes=num_classes)
@@ -143,7 +144,8 @@ def linear_probe(backbone, manifest, *, train_split, eval_split, epochs, lr, mil
             model = keras.Sequential([keras.Input((train_features.shape[1],)), classifier])
             train = tf.data.Dataset.from_tensor_slices((train_features, train_labels)).shuffle(
                 len(train_labels), seed=seed).batch(batch_size)
-            test = tf.data.Dataset.from_tensor_slices((test_features, test_labels)).batch(batch_size)
+            test = tf.data.Dataset.from_tensor_slices((test_features, test_labels)).batch(
+                batch_size)
         model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=[keras.metrics.SparseTopKCategoricalAccuracy(1, name="top1"),

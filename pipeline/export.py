@@ -37,7 +37,6 @@ expected input (``assets.extra/ascl_export.json``) and the server's
 """
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -47,8 +46,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from beam_jobs.errors import InputError, OutputExists
+from beam_jobs.atomic_json import write_json
 from beam_jobs.dataset_format import square_crop_and_resize
+from beam_jobs.errors import InputError, OutputExists
 from pipeline.data import channel_statistics
 from pipeline.gallery import GalleryIndex, check_gallery, gallery_description, read_gallery
 from pipeline.image_guard import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, guarded_decode
@@ -144,8 +144,7 @@ def _encoder(backbone, projector, image_shape, frozen):
     if not frozen:
         return encode
     # TensorFlow's own freezing (the one tf.lite and saved_model_cli use); no public alias
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2)
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     constant = convert_variables_to_constants_v2(tf.function(encode).get_concrete_function(
         tf.TensorSpec([None, *image_shape], tf.float32)))
@@ -201,7 +200,8 @@ def write_warmup_requests(export_dir, manifest, count=3):
 
 
 def write_models_config(base_dir):
-    """``base_dir/models.config`` listing every exported model (TF Serving's --model_config_file)."""
+    """``base_dir/models.config`` listing every exported model (TF Serving's
+    --model_config_file)."""
     names = sorted(name for name in os.listdir(base_dir)
                    if os.path.isdir(os.path.join(base_dir, name)) and re.fullmatch(r"[\w.-]+", name)
                    and any(v.isdigit() for v in os.listdir(os.path.join(base_dir, name))))
@@ -267,17 +267,17 @@ def write_export(backbone, projector, manifest, final, *, provenance=None, galle
         build_export_archive(backbone, projector, manifest, gallery,
                              max_pixels).write_out(staging, verbose=False)
         write_warmup_requests(staging, manifest)
-        with open(os.path.join(staging, INFO_FILE), "w") as handle:
-            json.dump({"image_shape": manifest["image_shape"],
-                       "class_names": manifest["class_names"],
-                       "train_statistics": manifest["train_statistics"],
-                       "signatures": signatures,
-                       "embedding_dim": int(backbone.feature_dim),
-                       "precision": compute_precision(backbone),
-                       "max_pixels": int(max_pixels),
-                       "weights_sha256": digest or weights_sha256(backbone, projector),
-                       **({"gallery": gallery_info} if gallery_info else {}),
-                       **(provenance or {})}, handle, indent=2)
+        write_json(os.path.join(staging, INFO_FILE), {
+            "image_shape": manifest["image_shape"],
+            "class_names": manifest["class_names"],
+            "train_statistics": manifest["train_statistics"],
+            "signatures": signatures,
+            "embedding_dim": int(backbone.feature_dim),
+            "precision": compute_precision(backbone),
+            "max_pixels": int(max_pixels),
+            "weights_sha256": digest or weights_sha256(backbone, projector),
+            **({"gallery": gallery_info} if gallery_info else {}),
+            **(provenance or {})}, indent=2)
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

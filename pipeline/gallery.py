@@ -23,8 +23,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from beam_jobs.errors import InputError
 from beam_jobs.embed_output import EMBED_INFO_NAME, PARQUET_PATTERN, TFRECORD_PATTERN
+from beam_jobs.errors import InputError
 
 STORAGE_DTYPES = ("float32", "bfloat16")
 

@@ -9,8 +9,13 @@ any filesystem TensorFlow reads (``gs://``, ...).
 
 import tensorflow as tf
 
-from beam_jobs.dataset_format import (FEATURES, DatasetError, decode_example, load_manifest,
-                                      split_files)
+from beam_jobs.dataset_format import (
+    FEATURES,
+    DatasetError,
+    decode_example,
+    load_manifest,
+    split_files,
+)
 
 
 def read_ids(manifest, split, files=None):

@@ -32,11 +32,11 @@ import tempfile
 
 import yaml
 
-from beam_jobs.errors import MissingInput
 from beam_jobs.atomic_json import read_json, write_json
+from beam_jobs.dataset_format import load_manifest
+from beam_jobs.errors import MissingInput
 from models import ASCLModel, BYOLModel, build_backbone, prediction_head, projection_head
 from pipeline.config import ConfigError, dump_config, from_dict
-from beam_jobs.dataset_format import load_manifest
 
 
 def build_model(config, manifest, steps_per_epoch=None):

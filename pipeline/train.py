@@ -15,12 +15,13 @@ import typing
 import keras
 import tensorflow as tf
 
+from beam_jobs.dataset_format import load_manifest
 from pipeline import callbacks as run_callbacks
 from pipeline import data, splits
 from pipeline.config import ConfigError, choices_of
 from pipeline.precision import resolve_mixed_precision
-from beam_jobs.dataset_format import load_manifest
 from pipeline.run_dir import RunDir, build_model
+
 
 class TrainingError(RuntimeError):
     """Training could not finish (divergence, incompatible resume); the message says why."""

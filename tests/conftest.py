@@ -42,8 +42,8 @@ def _float32_policy():
 @pytest.fixture(scope="session")
 def digits16(tmp_path_factory):
     """The Beam job's output for scikit-learn digits resized to 16x16; returns its manifest."""
-    from beam_jobs.prepare import run as prepare
     from beam_jobs.dataset_format import load_manifest
+    from beam_jobs.prepare import run as prepare
 
     output = tmp_path_factory.mktemp("digits16") / "data"
     prepare(["--source", "digits", "--image-size", "16", "--output", str(output)])
@@ -77,8 +77,8 @@ def class_foldered(tmp_path_factory):
     import numpy as np
     from PIL import Image
 
-    from beam_jobs.prepare import run as prepare
     from beam_jobs.dataset_format import load_manifest
+    from beam_jobs.prepare import run as prepare
 
     root = tmp_path_factory.mktemp("class_tree")
     rng = np.random.default_rng(0)

@@ -9,11 +9,24 @@ import pytest
 import tensorflow as tf
 
 from beam_jobs.atomic_json import write_json
-from beam_jobs.dataset_format import (DEAD_LETTERS_NAME, FEATURES, FORMAT_VERSION, MANIFEST_NAME,
-                                      SHARD_FILE_PATTERN, DatasetError, decode_example,
-                                      encode_example, is_dataset_file, load_manifest,
-                                      parse_example, shard_file_glob, shard_file_name,
-                                      split_files, split_shards, square_crop_and_resize)
+from beam_jobs.dataset_format import (
+    DEAD_LETTERS_NAME,
+    FEATURES,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SHARD_FILE_PATTERN,
+    DatasetError,
+    decode_example,
+    encode_example,
+    is_dataset_file,
+    load_manifest,
+    parse_example,
+    shard_file_glob,
+    shard_file_name,
+    split_files,
+    split_shards,
+    square_crop_and_resize,
+)
 from beam_jobs.images import encode_png
 
 RECORD = dict(png=b"\x89PNG-bytes", shape=(2, 3, 3), label=1, class_name="cät",

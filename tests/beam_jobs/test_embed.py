@@ -14,8 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from beam_jobs.dataset_format import DatasetError, encode_example
-from beam_jobs.embed import (_example_to_item, _to_example, _to_row, _ToPixels, _WriteProjector,
-                             run)
+from beam_jobs.embed import _example_to_item, _to_example, _to_row, _ToPixels, _WriteProjector, run
 from beam_jobs.images import InvalidImage, decode_image, encode_png, square_and_resize
 
 DIGITS = [str(digit) for digit in range(10)]

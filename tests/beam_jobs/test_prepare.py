@@ -14,11 +14,24 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from beam_jobs.dataset_format import (DEAD_LETTERS_NAME, MANIFEST_NAME, decode_example,
-                                      encode_example, load_manifest)
+from beam_jobs.dataset_format import (
+    DEAD_LETTERS_NAME,
+    MANIFEST_NAME,
+    decode_example,
+    encode_example,
+    load_manifest,
+)
 from beam_jobs.images import InvalidImage, decode_image, encode_png, square_and_resize
-from beam_jobs.prepare import (ChannelMeanStd, ToExample, WriteManifest, WriteShard, order_key,
-                               run, shard_count, shard_of)
+from beam_jobs.prepare import (
+    ChannelMeanStd,
+    ToExample,
+    WriteManifest,
+    WriteShard,
+    order_key,
+    run,
+    shard_count,
+    shard_of,
+)
 from beam_jobs.sources import digit_images, hashed_split
 from beam_jobs.tfrecord import encode_record
 from pipeline.prepared_dataset import read_split
@@ -55,7 +68,8 @@ def image_tree(tmp_path_factory):
         _write(root, f"train/cat/{index}.png", _encode(Image.fromarray(pixels), "PNG"))
         expected[f"train/cat/{index}.png"] = pixels
     for index in range(3):
-        _write(root, f"train/dog/{index}.jpg", _encode(Image.fromarray(_pixels(10 + index)), "JPEG"))
+        _write(root, f"train/dog/{index}.jpg",
+               _encode(Image.fromarray(_pixels(10 + index)), "JPEG"))
     gray = _pixels(20)[..., 0]
     _write(root, "test/cat/gray.png", _encode(Image.fromarray(gray, "L"), "PNG"))
     expected["test/cat/gray.png"] = np.repeat(gray[..., None], 3, axis=-1)
@@ -66,7 +80,8 @@ def image_tree(tmp_path_factory):
     _write(root, "train/cat/deep.png", _encode(Image.fromarray(sixteen, "I;16"), "PNG"))
     expected["train/cat/deep.png"] = np.repeat(
         (np.arange(SIZE * SIZE).reshape(SIZE, SIZE) % 256).astype(np.uint8)[..., None], 3, -1)
-    _write(root, "train/dog/cmyk.jpg", _encode(Image.fromarray(_pixels(22)).convert("CMYK"), "JPEG"))
+    _write(root, "train/dog/cmyk.jpg",
+           _encode(Image.fromarray(_pixels(22)).convert("CMYK"), "JPEG"))
     palette = Image.fromarray(_pixels(23)).convert("P")
     _write(root, "test/cat/palette.png", _encode(palette, "PNG"))
     expected["test/cat/palette.png"] = np.asarray(palette.convert("RGB"))
@@ -142,7 +157,8 @@ def test_pixels_and_labels_round_trip(prepared, image_tree):
 
 def test_reader_yields_every_example_of_a_split(prepared):
     _, manifest = prepared
-    expected = sorted((label, image.tobytes()) for image, label in _read_all(manifest, "train").values())
+    expected = sorted((label, image.tobytes())
+                      for image, label in _read_all(manifest, "train").values())
     dataset = read_split(manifest, "train")
     assert dataset.element_spec[0].shape == (SIZE, SIZE, 3)
     assert sorted((int(label), image.tobytes())
@@ -249,7 +265,7 @@ def test_mixed_sizes_need_image_size(tmp_path):
 
 def test_shard_count_grows_with_the_data():
     mib = 2 ** 20
-    # CIFAR-10's train split (~120 MiB of PNGs) used to land in 2 shards: now 16, enough
+    # CIFAR-10's train split (~120 MiB of PNGs) by size alone would be 2 shards; 16 are enough
     # for 16 workers to read their own files
     assert shard_count(50_000, 120 * mib) == 16
     assert shard_count(50_000, 120 * mib, min_shards=4) == 4
@@ -287,7 +303,8 @@ def test_tfds_source_through_mock_data(tmp_path):
     manifest = load_manifest(str(tmp_path / "mnist"))
     assert manifest["class_names"] == [str(d) for d in range(10)]
     assert manifest["image_shape"] == [28, 28, 3]
-    assert {s: i["num_examples"] for s, i in manifest["splits"].items()} == {"train": 12, "test": 12}
+    assert ({s: i["num_examples"] for s, i in manifest["splits"].items()}
+            == {"train": 12, "test": 12})
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=12):  # the same mock examples, as TFDS gives them

@@ -64,7 +64,8 @@ def _clustered_problem(seed, n=6, m=40, d=8):
 def test_targets_match_numpy_reference(mode, num_neighbors):
     _, keys, queue = _clustered_problem(seed=num_neighbors)
     targets, confidence = ascl_targets(keys, queue, t2=0.05, num_neighbors=num_neighbors, mode=mode)
-    expected_targets, expected_confidence = _reference_targets(keys, queue, 0.05, num_neighbors, mode)
+    expected_targets, expected_confidence = _reference_targets(
+        keys, queue, 0.05, num_neighbors, mode)
     assert targets.shape == (6, 41) and confidence.shape == (6,)
     assert targets.dtype == tf.float32 and confidence.dtype == tf.float32
     np.testing.assert_allclose(targets.numpy(), expected_targets, atol=1e-5)

@@ -4,8 +4,8 @@ import json
 import os
 
 import keras
-import pytest
 import numpy as np
+import pytest
 
 from pipeline import callbacks, splits
 from pipeline.run_dir import RunDir

@@ -30,7 +30,8 @@ def test_reference_config_holds_the_reference_settings():
         100, 10.0, [0.6, 0.8], 256, True)
 
 
-@pytest.mark.parametrize("path", ["configs/cifar10_resnet18.yaml", "configs/cifar10_small_cpu.yaml"])
+@pytest.mark.parametrize("path", ["configs/cifar10_resnet18.yaml",
+                                  "configs/cifar10_small_cpu.yaml"])
 def test_cifar_configs_use_the_reference_schedule_and_augmentations(path):
     c = load_config(path)
     assert (c.optimizer.lr, c.optimizer.batch_size, c.optimizer.warmup_epochs) == (0.03, 256, 5)
@@ -52,7 +53,8 @@ def test_overrides_are_parsed_as_yaml():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optimizer.weight_decy=0.1", r"unknown key optimizer.weight_decy \(did you mean 'weight_decay'"),
+    ("optimizer.weight_decy=0.1",
+     r"unknown key optimizer.weight_decy \(did you mean 'weight_decay'"),
     ("optimiser.lr=0.1", r"unknown section 'optimiser' \(did you mean 'optimizer'"),
     ("optimizer.lr=fast", r"optimizer.lr must be of type float, received 'fast'"),
     ("optimizer.lr=-1", r"optimizer.lr must be > 0"),

@@ -235,7 +235,8 @@ def test_probe_training_views_are_random_resized_crops_from_008(digits16, monkey
 def test_training_reader_reshuffles_files_from_the_training_seed(class_foldered, monkeypatch):
     calls = []
     read_split = data.read_split
-    monkeypatch.setattr(data, "read_split", lambda *a, **kw: calls.append(kw) or read_split(*a, **kw))
+    monkeypatch.setattr(data, "read_split",
+                        lambda *a, **kw: calls.append(kw) or read_split(*a, **kw))
     data.pretrain_dataset(class_foldered, batch_size=30, seed=7)
     assert calls and calls[0]["shuffle_files_seed"] == 7
 

@@ -50,7 +50,8 @@ def test_fresh_process_without_the_project_matches_in_process_embeddings(exporte
     np.save(tmp_path / "pngs.npy", np.array(pngs, dtype=object), allow_pickle=True)
     script = (
         "import sys, numpy as np, tensorflow as tf\n"
-        "assert not any(m.split('.')[0] in ('models', 'pipeline', 'beam_jobs') for m in sys.modules)\n"
+        "assert not any(m.split('.')[0] in ('models', 'pipeline', 'beam_jobs') "
+        "for m in sys.modules)\n"
         f"model = tf.saved_model.load({path!r})\n"
         f"pngs = np.load({str(tmp_path / 'pngs.npy')!r}, allow_pickle=True).tolist()\n"
         "out = model.signatures['serving_default'](image_bytes=tf.constant(pngs))\n"
@@ -96,9 +97,10 @@ def test_embed_pixels_matches_and_bad_input_is_rejected(exported, digits16):
 def test_off_size_images_get_the_same_pixels_in_preparation_and_serving(exported, tmp_path):
     """Train/serve skew: a non-square, off-size image is prepared by the Beam job and sent as
     bytes to serving_default; both must produce the same 16 px image (within 1 grey level)."""
-    from beam_jobs.prepare import run as prepare
     from PIL import Image
+
     from beam_jobs.dataset_format import load_manifest
+    from beam_jobs.prepare import run as prepare
     from pipeline.prepared_dataset import read_split
 
     run_dir, _, path = exported

@@ -10,8 +10,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.export import export_run
-from pipeline.gallery import (Gallery, GalleryError, GalleryIndex, brute_force_search,
-                              read_gallery)
+from pipeline.gallery import Gallery, GalleryError, GalleryIndex, brute_force_search, read_gallery
 
 
 @pytest.fixture(scope="module")

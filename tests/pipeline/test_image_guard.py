@@ -45,7 +45,8 @@ def _png(width, height, rows=None, row_bytes=None):
     ("png_alpha", _encoded("PNG", mode="RGBA")), ("jpeg", _encoded("JPEG")),
     ("jpeg_grey_progressive", _encoded("JPEG", mode="L", progressive=True)),
     ("bmp", _encoded("BMP")),
-    ("webp_lossy", _encoded("WEBP", quality=80)), ("webp_lossless", _encoded("WEBP", lossless=True)),
+    ("webp_lossy", _encoded("WEBP", quality=80)),
+    ("webp_lossless", _encoded("WEBP", lossless=True)),
     ("webp_extended", _encoded("WEBP", mode="RGBA", quality=80)),
 ])
 def test_header_size_is_the_decoded_size_for_every_served_format(name, data):

@@ -328,8 +328,8 @@ def test_divergence_leaves_the_last_good_backup_and_a_rerun_resumes_from_it(digi
 def test_a_dataset_without_a_train_split_fails_with_a_clear_error(tmp_path):
     from PIL import Image
 
-    from beam_jobs.prepare import run as prepare
     from beam_jobs.dataset_format import DatasetError, load_manifest
+    from beam_jobs.prepare import run as prepare
 
     for index in range(4):
         folder = tmp_path / "raw" / "test" / f"c{index % 2}"
