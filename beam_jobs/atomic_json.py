@@ -4,7 +4,7 @@ A reader of a manifest, a run's ``best.json`` or a benchmark's results never see
 file, even when the writer is killed mid-write: the text goes to a temporary file beside the
 target, which is then renamed over it (a rename within a folder is atomic on a local file
 system; on an object store such as ``gs://`` the object appears only once it is complete).
-``tf.io.gfile`` serves both, so run folders and datasets may live on either.
+``tf.io.gfile`` serves both (datasets and exports may live on ``gs://``; run folders are local).
 """
 
 import json

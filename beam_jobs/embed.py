@@ -33,7 +33,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from beam_jobs.atomic_json import write_json
 from beam_jobs.dataset_format import load_manifest, parse_example, shard_file_glob
 from beam_jobs.embed_output import EMBED_INFO_NAME, EMBEDDINGS_PREFIX
-from beam_jobs.errors import InputError, OutputExists
+from beam_jobs.errors import InputError, MissingInput, OutputExists
 from beam_jobs.images import InvalidImage, decode_image, square_and_resize, validate_pixels
 from beam_jobs.sources import ReadFolder
 
@@ -67,7 +67,11 @@ class SavedModelHandler(TFModelHandlerTensor):
 
 
 def _read_export_info(model_dir):
-    with FileSystems.open(f"{model_dir.rstrip('/')}/{EXPORT_INFO}") as handle:
+    path = f"{model_dir.rstrip('/')}/{EXPORT_INFO}"
+    if not FileSystems.exists(path):
+        raise MissingInput(f"--model {model_dir} is not an `ascl export` SavedModel version "
+                           f"folder: {path} does not exist (pass saved_models/NAME/VERSION)")
+    with FileSystems.open(path) as handle:
         return json.loads(handle.read())
 
 

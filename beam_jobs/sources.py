@@ -247,7 +247,10 @@ class ReadTfds(beam.PTransform):
         import tensorflow_datasets as tfds
 
         name, _, splits = spec.partition(":")
-        builder = tfds.builder(name, data_dir=data_dir)
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError as error:
+            raise InputError(f"--source tfds:{name}: {error}") from error
         builder.download_and_prepare()
         features = builder.info.features
         image_keys = [key for key, feature in features.items()

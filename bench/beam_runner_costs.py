@@ -20,7 +20,6 @@ Used to tell whether the job's cost over a plain loop is per step and element or
 """
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -90,13 +89,14 @@ def main():
         print(f"{case:>17}: median {statistics.median(values):.2f} s  "
               f"({', '.join(f'{v:.2f}' for v in values)})")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"command": "python bench/beam_runner_costs.py " + " ".join(sys.argv[1:]),
-                       "elements": ELEMENTS, "keys": KEYS, "payload_bytes": len(PAYLOAD),
-                       "seconds": {case: [round(v, 3) for v in values]
-                                   for case, values in times.items()},
-                       "median_seconds": {case: round(statistics.median(values), 3)
-                                          for case, values in times.items()}}, handle, indent=2)
+        from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+        write_json(args.json, {
+            "command": "python bench/beam_runner_costs.py " + " ".join(sys.argv[1:]),
+            "elements": ELEMENTS, "keys": KEYS, "payload_bytes": len(PAYLOAD),
+            "seconds": {case: [round(v, 3) for v in values] for case, values in times.items()},
+            "median_seconds": {case: round(statistics.median(values), 3)
+                               for case, values in times.items()}}, indent=2)
 
 
 if __name__ == "__main__":

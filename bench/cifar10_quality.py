@@ -9,7 +9,7 @@ Prepare the data first with the project's own Beam job:
 Every (part, arm, seed) is its own training run (``RUNS/<part>/<arm>-seed<N>``) with its
 own result file (``OUT/cifar10_quality/<part>-<arm>-seed<N>.json``), so the benchmark spans
 as many sittings as it needs: rerunning skips finished runs and resumes an interrupted one
-from its last epoch (``BackupAndRestore``).  After each run the summary
+from its last epoch (the run's backup).  After each run the summary
 (``OUT/cifar10_quality.json``, a ``summary`` keyed by arm) and the plot are rewritten from
 every result file present.
 

@@ -165,8 +165,7 @@ def main():
     def save():
         from beam_jobs.atomic_json import write_json  # imports TensorFlow
 
-        write_json(path + ".tmp", report, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(path, report, indent=1)
 
     if "raw_pixels" not in report["results"]:
         report["results"]["raw_pixels"] = raw_pixel_retrieval(args)

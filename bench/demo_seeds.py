@@ -86,8 +86,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
         from beam_jobs.atomic_json import write_json  # imports TensorFlow
 
-        write_json(RESULTS + ".tmp", results, indent=1)
-        os.replace(RESULTS + ".tmp", RESULTS)
+        write_json(RESULTS, results, indent=1)
         print(f"seed {seed}: " + ", ".join(f"{s} {summary[s]:.4f}" for s in SCORES))
     print(json.dumps(results.get("spread"), indent=1))
 

@@ -82,9 +82,10 @@ def main():
     results["small_cnn_serving_default_batch1_p50_ms"] = round(statistics.median(whole), 3)
     print(json.dumps(results, indent=1))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"command": "python bench/image_guard_cost.py "
-                       f"--calls {args.calls} --json {args.json}", **results}, handle, indent=1)
+        from beam_jobs.atomic_json import write_json  # imports TensorFlow
+
+        write_json(args.json, {"command": "python bench/image_guard_cost.py "
+                               f"--calls {args.calls} --json {args.json}", **results}, indent=1)
 
 
 if __name__ == "__main__":

@@ -157,8 +157,7 @@ def main():
                 results["rows"].append(row)
                 from beam_jobs.atomic_json import write_json  # imports TensorFlow
 
-                write_json(args.json + ".tmp", results, indent=1)
-                os.replace(args.json + ".tmp", args.json)
+                write_json(args.json, results, indent=1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

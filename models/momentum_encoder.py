@@ -103,7 +103,7 @@ class MomentumEncoderModel(BuildsOnlyTheOptimizer, keras.Model):
         self.weight_decay = float(weight_decay)
         self.label_purity = bool(label_purity)
         # Draws are stateless, seeded by (seed, optimiser step): a run restored from its
-        # weights and optimiser (BackupAndRestore) continues the same draws, which a
+        # weights and optimiser (the run's backup) continues the same draws, which a
         # SeedGenerator's state, not part of the saved weights, would not.
         if seed is None and across_workers(tf.distribute.get_strategy()):
             raise ValueError(

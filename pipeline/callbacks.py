@@ -178,25 +178,40 @@ class Diverged(RuntimeError):
 
 
 class StopOnNaN(keras.callbacks.Callback):
-    """Stops training at the first step whose loss is not finite, by raising ``Diverged``.
+    """Stops training at the first step whose loss is not finite, and at the end of an epoch
+    whose weights are not all finite, by raising ``Diverged``.
 
     Raising, rather than setting ``stop_training`` as ``TerminateOnNaN`` does, is what keeps
     diverged weights out of every file: Keras runs every callback's ``on_epoch_end`` after
     ``stop_training``, so the backup, the epoch checkpoint and ``best`` would save the NaN
     weights (and a rerun would resume from them).  An exception ends ``fit`` on the spot, and
-    the last good backup, checkpoints and ``best`` stay as they were.
+    the last good backup, checkpoints and ``best`` stay as they were.  The weights are checked
+    too because the logged loss is computed before each step's update: a last step that
+    makes the weights NaN leaves the epoch's loss finite.  First in the callback list, so
+    that it runs before any callback that saves.
     """
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
+    def _diverged(self, what):
+        return Diverged(
+            f"training diverged: {what} of epoch {getattr(self, '_epoch', 0) + 1}; lower "
+            f"optimizer.lr, raise ascl.t1, or use mixed_precision: none. The last checkpoint "
+            f"and backup are kept.")
+
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):
-            raise Diverged(
-                f"training diverged: the loss became {loss} at step {batch} of epoch "
-                f"{getattr(self, '_epoch', 0) + 1}; lower optimizer.lr, raise ascl.t1, or use "
-                f"mixed_precision: none. The last checkpoint and backup are kept.")
+            raise self._diverged(f"the loss became {loss} at step {batch}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        bad = [w.path for w in self.model.weights
+               if keras.backend.is_float_dtype(w.dtype)
+               and not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
+        if bad:
+            raise self._diverged(f"{len(bad)} weights ({bad[0]}, ...) are not finite at the "
+                                 f"end")
 
 
 class Backup(keras.callbacks.Callback):

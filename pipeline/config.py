@@ -344,6 +344,11 @@ def from_dict(raw):
 
 def apply_overrides(raw, overrides):
     """Applies ``section.key=value`` strings (values parsed as YAML) to nested dicts."""
+    if not isinstance(raw or {}, dict):
+        raise ConfigError(f"a config must be a mapping of sections, received {type(raw).__name__}")
+    for section, values in (raw or {}).items():
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"section {section!r} must be a mapping, received {values!r}")
     raw = {section: dict(values or {}) for section, values in (raw or {}).items()}
     for override in overrides or []:
         path, sep, text = override.partition("=")

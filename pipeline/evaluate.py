@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from beam_jobs.atomic_json import write_json
+from beam_jobs.errors import MissingInput
 from pipeline import data
 from pipeline.run_dir import RunDir, load_trained_model
 
@@ -197,6 +198,8 @@ def evaluate_run(run_dir, *, checkpoint="last", output=None, linear=True, verbos
     projector under ``RUN/tensorboard/projector``.  Returns the report.
     """
     run = RunDir(run_dir)
+    if output is not None and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise MissingInput(f"--output {output}: its folder does not exist")
     model, config, manifest = load_trained_model(run_dir, checkpoint)
     e, d = config.evaluation, config.data
     limit = d.eval_limit

@@ -30,11 +30,12 @@ import os
 import shutil
 import tempfile
 
+import tensorflow as tf
 import yaml
 
 from beam_jobs.atomic_json import read_json, write_json
 from beam_jobs.dataset_format import load_manifest
-from beam_jobs.errors import MissingInput
+from beam_jobs.errors import InputError, MissingInput
 from models import ASCLModel, BYOLModel, build_backbone, prediction_head, projection_head
 from pipeline.config import ConfigError, dump_config, from_dict
 
@@ -129,7 +130,7 @@ class RunDir:
         """The validated ``Config`` the run was trained with."""
         if not self.has_config():
             raise MissingInput(f"{self.path} is not a training run: {self.config_path} "
-                                    f"does not exist")
+                               f"does not exist")
         with open(self.config_path) as handle:
             raw = yaml.safe_load(handle) or {}
         try:
@@ -142,7 +143,7 @@ class RunDir:
 
     def record_config_change(self, record):
         """Appends one resume's changes to ``config_changes.jsonl`` (the chief's only)."""
-        with open(self._read("config_changes.jsonl"), "a") as handle:
+        with open(self._write("config_changes.jsonl"), "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------ history, summary
@@ -164,7 +165,7 @@ class RunDir:
         return read_json(path) if os.path.exists(path) else None
 
     def write_summary(self, summary):
-        write_json(self._read("summary.json"), summary, indent=2)
+        write_json(self._write("summary.json"), summary, indent=2)
 
     @property
     def evaluation_path(self):
@@ -186,7 +187,10 @@ class RunDir:
         if checkpoint not in ("best", "last"):
             if not os.path.exists(checkpoint):
                 raise MissingInput(f"checkpoint {checkpoint} does not exist (pass "
-                                        f"--checkpoint last, best or the path of a weights file)")
+                                   f"--checkpoint last, best or the path of a weights file)")
+            if not checkpoint.endswith(".weights.h5"):
+                raise InputError(f"checkpoint {checkpoint} is not a Keras weights file "
+                                 f"(*.weights.h5, as `ascl train` writes them)")
             return checkpoint
         path = self._read(self.CHECKPOINTS, f"{checkpoint}.weights.h5")
         if not os.path.exists(path):
@@ -217,6 +221,10 @@ class RunDir:
         info = {"name": checkpoint, "path": self.checkpoint(checkpoint)}
         if checkpoint == "best":
             best = self.read_best()
+            if best is None or "split" not in best:
+                raise MissingInput(f"{self.path} has best.weights.h5 but no whole "
+                                   f"checkpoints/best.json recording what chose it; use "
+                                   f"--checkpoint last, or the weights path")
             info.update(epoch=best["epoch"], selected_by=f"highest kNN top-1 on {best['split']}",
                         selection_knn_top1=best["knn_top1"])
         elif checkpoint == "last":
@@ -243,7 +251,7 @@ class RunDir:
         try:
             info = read_json(metadata)
             epoch, digest = int(info["epoch"]), info["weights_sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, tf.errors.OpError, ValueError, KeyError, TypeError):
             return None
         return epoch if _sha256(weights) == digest else None
 
@@ -283,5 +291,9 @@ def load_trained_model(run_dir, checkpoint="last"):
     manifest = load_manifest(config.data.dataset)
     path = run.checkpoint(checkpoint)
     model = build_model(config, manifest)
-    model.load_weights(path)
+    try:
+        model.load_weights(path)
+    except ValueError as error:  # Keras: another model's weights, or not a weights file
+        raise InputError(f"checkpoint {path} does not fit the model of {run_dir}: "
+                         f"{error}") from error
     return model, config, manifest

@@ -240,6 +240,10 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
                           shuffle=False,  # tf.data already shuffles; silences Keras's warning
                           verbose=config.train.verbose)
             except run_callbacks.Diverged as error:
+                # fit ended on the spot: flush what TensorBoard has of the epochs before
+                for callback in callbacks:
+                    if isinstance(callback, keras.callbacks.TensorBoard):
+                        callback.on_train_end()
                 raise TrainingError(str(error)) from None
             model.save_weights(run.checkpoint_to_write("last"))
             return _summary(config, run_plan, run, strategy, chief)

@@ -83,6 +83,36 @@ def test_documented_switch_values_are_accepted_as_typed(tmp_path):
             typed, result.stderr[-500:])
 
 
+def test_user_errors_are_one_line_messages(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: images\n")
+    for argv, message in (
+            (["embed", "--model", str(tmp_path / "nowhere"), "--input", str(tmp_path),
+              "--output", str(tmp_path / "out")], "is not an `ascl export` SavedModel"),
+            (["evaluate", "--run-dir", str(tmp_path / "nowhere")], "is not a training run"),
+            (["train", "--config", str(bad), "--run-dir", str(tmp_path / "run")],
+             "section 'data' must be a mapping, received 'images'")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"ascl {argv[0]}: error: " in err and message in err, err
+        assert "Traceback" not in err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only the project's own error types become one-line messages: a ValueError from a bug
+    (here, one raised where no project code would) propagates with its traceback."""
+    import pytest
+
+    from pipeline import evaluate
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not a user error")
+
+    monkeypatch.setattr(evaluate, "evaluate_run", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["evaluate", "--run-dir", str(tmp_path)])
+
+
 def test_export_errors_are_one_line_messages(tmp_path, capsys):
     assert main(["export", "--run-dir", str(tmp_path), "--name", "x", "--version", "0"]) == 2
     assert "ascl export: error: --version must be >= 1, received 0" in capsys.readouterr().err

@@ -285,28 +285,42 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed(digits16, tmp_
 
 
 class _PoisonAt(keras.callbacks.Callback):
-    """Forces divergence: a weight becomes NaN before the given step of the given epoch."""
+    """Forces divergence: a weight becomes NaN before (or, ``after=True``, after) the given
+    step of the given epoch."""
 
-    def __init__(self, epoch, step):
+    def __init__(self, epoch, step, after=False):
         super().__init__()
-        self.epoch, self.step, self._current = epoch, step, None
+        self.epoch, self.step, self.after, self._current = epoch, step, after, None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._current = epoch
 
-    def on_train_batch_begin(self, batch, logs=None):
+    def _poison(self, batch):
         if self._current == self.epoch and batch == self.step:
             # the projector's last weight: no ReLU after it to turn NaN into 0
             weight = self.model.query_encoder.trainable_weights[-1]
             weight.assign(np.full(weight.shape, np.nan, weight.dtype))
 
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.after:
+            self._poison(batch)
 
-def test_divergence_leaves_the_last_good_backup_and_a_rerun_resumes_from_it(digits16, tmp_path):
+    def on_train_batch_end(self, batch, logs=None):
+        if self.after:
+            self._poison(batch)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["loss of the last step",
+                                                     "weights after the last step"])
+def test_divergence_leaves_the_last_good_backup_and_a_rerun_resumes_from_it(digits16, tmp_path,
+                                                                          after):
+    """Whether the last step's loss is NaN, or its update leaves NaN weights behind a finite
+    loss, nothing of the diverged epoch is saved."""
     config = _config(digits16, "train.epochs=3", "train.knn_every=1", "train.view_images=0",
                      "train.checkpoint_every=1")
     run_dir = str(tmp_path / "run")
     with pytest.raises(TrainingError, match="training diverged.*epoch 2"):
-        train(config, run_dir, extra_callbacks=[_PoisonAt(epoch=1, step=7)])  # last step
+        train(config, run_dir, extra_callbacks=[_PoisonAt(epoch=1, step=7, after=after)])
     checkpoints = os.path.join(run_dir, "checkpoints")
     # neither an epoch checkpoint nor `best` was written from the diverged epoch
     assert not os.path.exists(os.path.join(checkpoints, "epoch_0002.weights.h5"))
