@@ -131,13 +131,15 @@ def test_byol_framework_through_demo_train_evaluate_and_export(tmp_path, capsys,
     workdir, exports = tmp_path / "demo", tmp_path / "exports"
     byol = ["--set", "ascl.framework=byol", "--set", "train.knn_every=1"]
     monkeypatch.chdir(tmp_path)  # the demo exports to ./saved_models
-    assert main(["demo", "--workdir", str(workdir), "--epochs", "1", *byol]) == 0
+    # (the demo's linear probes are the moco demo's test: here a one-epoch probe suffices)
+    probe = ["--set", "evaluation.linear_epochs=1"]
+    assert main(["demo", "--workdir", str(workdir), "--epochs", "1", *byol, *probe]) == 0
     assert "kNN top-1" in capsys.readouterr().out
     run_dir = str(workdir / "run")
     # `ascl train` resumes the demo's run for one more epoch
     assert main(["train", "--config", os.path.join(ROOT, "configs/digits_small.yaml"),
                  "--run-dir", run_dir, "--set", f"data.dataset={workdir / 'digits16'}",
-                 *byol, "--epochs", "2", "--set", "train.verbose=0"]) == 0
+                 *byol, *probe, "--epochs", "2", "--set", "train.verbose=0"]) == 0
     history = json.load(open(os.path.join(run_dir, "history.json")))
     assert [record["epoch"] for record in history] == [1, 2]
     assert {"loss", "confidence", "max_soft_label", "soft_label_purity",
