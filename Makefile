@@ -3,6 +3,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
+HUB_STAMP := $(VENV)/.installed-hub
 
 .PHONY: demo lint test test-all clean
 
@@ -14,6 +15,11 @@ $(STAMP): requirements.txt setup.py
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# the optional KerasHub extra, for its tests
+$(HUB_STAMP): $(STAMP) requirements-hub.txt
+	$(VENV)/bin/pip install -q -r requirements-hub.txt
+	touch $(HUB_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/ascl demo
 
@@ -22,10 +28,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-test: lint
+test: lint $(HUB_STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(HUB_STAMP)
 	$(VENV)/bin/python -m pytest
 
 clean:

@@ -30,6 +30,8 @@ setup(
         "matplotlib==3.11.2",
         "tensorflow-hub==0.16.1",  # imported by Beam's TensorFlow RunInference handler
     ],
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={"test": ["pytest==9.2.0"],
+                    # KerasHub backbones (model.backbone keras_hub.NAME); pins: requirements-hub.txt
+                    "hub": ["keras-hub==0.32.0"]},
     entry_points={"console_scripts": ["ascl=pipeline.cli:main"]},
 )

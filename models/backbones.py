@@ -14,6 +14,7 @@ Every backbone maps ``[B, H, W, C]`` images to pooled ``[B, F]`` features;
 import keras
 from keras import layers
 
+from models.catalog import build_catalog_backbone, is_catalog_name
 from models.normalization import normalization_layer
 
 STEMS = ("cifar", "imagenet")
@@ -146,9 +147,15 @@ def small_cnn(*, input_shape=(32, 32, 3), widths=(32, 64, 128), norm="batch", bn
 
 
 def build_backbone(name, *, input_shape=(32, 32, 3), stem="cifar", norm="batch", bn_splits=8,
-                   widths=(32, 64, 128)):
-    """Backbone by name: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet20`` or
-    ``small_cnn`` (``widths``)."""
+                   widths=(32, 64, 128), args=None, pretrained=None, preset=None,
+                   load_weights=True):
+    """Backbone by name: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet20``,
+    ``small_cnn`` (``widths``), or a catalogue network, ``keras.applications.NAME`` or
+    ``keras_hub.NAME`` (``args``, ``pretrained``, ``preset``: ``models.catalog``)."""
+    if is_catalog_name(name):
+        return build_catalog_backbone(name, input_shape=input_shape, norm=norm,
+                                      bn_splits=bn_splits, args=args, pretrained=pretrained,
+                                      preset=preset, load_weights=load_weights)
     if name == "small_cnn":
         return small_cnn(input_shape=input_shape, widths=tuple(widths), norm=norm,
                          bn_splits=bn_splits)

@@ -96,15 +96,18 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
         return {**super().get_config(), "num_splits": self.num_splits}
 
 
-def normalization_layer(kind, *, bn_splits=8, name=None):
-    """A fresh normalisation layer of the given ``kind`` (see module docstring)."""
+def normalization_layer(kind, *, bn_splits=8, name=None, momentum=BN_MOMENTUM,
+                        epsilon=BN_EPSILON, center=True, scale=True):
+    """A fresh normalisation layer of the given ``kind`` (see module docstring).  The batch-norm
+    settings default to the reference's; a catalogue backbone's layers keep their own
+    (``models.catalog``)."""
+    settings = dict(momentum=momentum, epsilon=epsilon, center=center, scale=scale, name=name)
     if kind == "batch":
-        return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+        return keras.layers.BatchNormalization(**settings)
     if kind == "split":
-        return SplitBatchNormalization(num_splits=bn_splits, name=name)
+        return SplitBatchNormalization(num_splits=bn_splits, **settings)
     if kind == "sync":
-        return keras.layers.BatchNormalization(
-            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=True, name=name)
+        return keras.layers.BatchNormalization(synchronized=True, **settings)
     if kind == "none":
         return keras.layers.Identity(name=name)
     raise ValueError(f"`norm` must be one of {NORMALIZATIONS}, received norm={kind!r}")

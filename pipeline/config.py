@@ -17,6 +17,7 @@ import yaml
 
 from beam_jobs.errors import InputError
 from models.backbones import BACKBONES, STEMS
+from models.catalog import is_catalog_name
 from models.momentum_encoder import MOMENTUM_SCHEDULES
 from models.normalization import NORMALIZATIONS
 from models.objective import BYOL_MODES, MODES
@@ -98,7 +99,14 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    backbone: str = _one_of("resnet18", BACKBONES)
+    backbone: str = "resnet18"        # one of BACKBONES, or a catalogue network:
+                                      # keras.applications.NAME or keras_hub.NAME
+                                      # (models.catalog; KerasHub: pip install .[hub])
+    backbone_args: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
+                                      # a catalogue network's constructor arguments
+    pretrained: str = ""              # keras.applications: imagenet (downloads the weights)
+    preset: str = ""                  # KerasHub: a preset name or folder (its architecture
+                                      # and weights; model.backbone_args then override)
     stem: str = _one_of("cifar", STEMS)
     norm: str = _one_of("split", NORMALIZATIONS)
     bn_splits: int = _bounded(8, at_least=1)
@@ -225,6 +233,11 @@ def _suggest(name, choices):
 def _coerce(path, value, annotation):
     """Checks ``value`` against a field type; ints are accepted for floats."""
     origin = typing.get_origin(annotation)
+    if origin in (dict, typing.Dict):
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise ConfigError(f"{path} must be a mapping of argument names to values, received "
+                              f"{value!r}")
+        return dict(value)
     if origin in (list, typing.List):
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
@@ -299,6 +312,16 @@ def validate(config):
     if a.symmetric and a.framework != "byol":
         raise ConfigError("ascl.symmetric is a BYOL-form option (ascl.framework byol); "
                           f"received it with ascl.framework {a.framework}")
+    m = config.model
+    catalog = is_catalog_name(m.backbone)
+    _require(m.backbone in BACKBONES or catalog, "model.backbone",
+             f"one of {list(BACKBONES)}, keras.applications.NAME or keras_hub.NAME", m.backbone)
+    for key in ("backbone_args", "pretrained", "preset"):
+        if getattr(m, key) and not catalog:
+            raise ConfigError(f"model.{key} is for a catalogue backbone (keras.applications.NAME "
+                              f"or keras_hub.NAME); model.backbone is {m.backbone!r}")
+    _require(m.pretrained in ("", "imagenet"), "model.pretrained", "imagenet or empty",
+             m.pretrained)
     least = 2 if a.framework == "byol" else 1  # BYOL's neighbours are the batch's others
     _require(o.batch_size >= least, "optimizer.batch_size", f">= {least}", o.batch_size)
     if not 0.0 <= o.momentum < 1.0:

@@ -40,7 +40,7 @@ from models import ASCLModel, BYOLModel, build_backbone, prediction_head, projec
 from pipeline.config import ConfigError, dump_config, from_dict
 
 
-def build_model(config, manifest, steps_per_epoch=None):
+def build_model(config, manifest, steps_per_epoch=None, *, initial_weights=False):
     """The model a config describes (``ASCLModel`` for ``ascl.framework`` moco, ``BYOLModel``
     for byol), for the dataset's image shape, in the current strategy scope.
 
@@ -51,7 +51,11 @@ def build_model(config, manifest, steps_per_epoch=None):
                     momentum_steps=config.train.epochs * steps_per_epoch
                     if steps_per_epoch else None)
     backbone = build_backbone(m.backbone, input_shape=tuple(manifest["image_shape"]), stem=m.stem,
-                              norm=m.norm, bn_splits=m.bn_splits, widths=m.cnn_widths)
+                              norm=m.norm, bn_splits=m.bn_splits, widths=m.cnn_widths,
+                              args=m.backbone_args, pretrained=m.pretrained, preset=m.preset,
+                              # pretrained weights only to start training: a trained run's
+                              # checkpoint replaces them
+                              load_weights=initial_weights)
     projector = projection_head(backbone.feature_dim, hidden_dims=tuple(m.projector_hidden),
                                 output_dim=m.projector_dim, norm=m.projector_norm,
                                 bn_splits=m.bn_splits)

@@ -279,7 +279,8 @@ def _build(config, run_plan, strategy):
     keras.mixed_precision.set_global_policy(
         "float32" if t.mixed_precision == "none" else t.mixed_precision)
     with strategy.scope():
-        model = build_model(config, run_plan.manifest, run_plan.steps_per_epoch)
+        model = build_model(config, run_plan.manifest, run_plan.steps_per_epoch,
+                            initial_weights=True)
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate(config, run_plan.steps_per_epoch),
                                            momentum=config.optimizer.momentum),

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from pipeline.export import export_run
 from pipeline.run_dir import load_trained_model
+from tests.serving import serve_in_a_clean_process
 
 
 def _png_batch(digits16, count=5):
@@ -47,22 +48,9 @@ def test_fresh_process_without_the_project_matches_in_process_embeddings(exporte
                                                                           tmp_path):
     run_dir, _, path = exported
     images, pngs = _png_batch(digits16)
-    np.save(tmp_path / "pngs.npy", np.array(pngs, dtype=object), allow_pickle=True)
-    script = (
-        "import sys, numpy as np, tensorflow as tf\n"
-        "assert not any(m.split('.')[0] in ('models', 'pipeline', 'beam_jobs') "
-        "for m in sys.modules)\n"
-        f"model = tf.saved_model.load({path!r})\n"
-        f"pngs = np.load({str(tmp_path / 'pngs.npy')!r}, allow_pickle=True).tolist()\n"
-        "out = model.signatures['serving_default'](image_bytes=tf.constant(pngs))\n"
-        f"np.save({str(tmp_path / 'out.npy')!r}, out['embedding'].numpy())\n"
-        f"np.save({str(tmp_path / 'proj.npy')!r}, out['projection'].numpy())\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    served = np.load(tmp_path / "out.npy")
-    np.testing.assert_allclose(served, _expected(run_dir, images), atol=1e-5)
-    projection = np.load(tmp_path / "proj.npy")
+    served = serve_in_a_clean_process(path, pngs, tmp_path)
+    np.testing.assert_allclose(served["embedding"], _expected(run_dir, images), atol=1e-5)
+    projection = served["projection"]
     model, _, manifest = load_trained_model(run_dir, "last")
     stats = manifest["train_statistics"]
     x = ((images.astype(np.float32) - np.array(stats["mean"])) / np.array(stats["std"]))
