@@ -102,18 +102,23 @@ def _swap_batch_norm(model, norm, bn_splits):
         raise CatalogError("model.norm none would drop the catalogue backbone's batch norm "
                            "(its weights were trained with it); use batch, split or sync")
 
+    replacements = set()
+
     def clone(layer):
         if isinstance(layer, keras.layers.BatchNormalization):
             if layer.axis not in (-1, len(layer.input.shape) - 1):
                 raise CatalogError(f"layer {layer.name} normalises axis {layer.axis}: only "
                                    f"channels-last batch norm can be replaced")
-            return normalization_layer(norm, bn_splits=bn_splits, name=layer.name,
-                                       momentum=layer.momentum, epsilon=layer.epsilon,
-                                       center=layer.center, scale=layer.scale)
+            replacement = normalization_layer(norm, bn_splits=bn_splits, name=layer.name,
+                                              momentum=layer.momentum, epsilon=layer.epsilon,
+                                              center=layer.center, scale=layer.scale)
+            replacements.add(id(replacement))
+            return replacement
         return layer.__class__.from_config(layer.get_config())
 
     try:
-        swapped = keras.models.clone_model(model, clone_function=clone)
+        # recursive: the batch norm of nested functional sub-models is replaced too
+        swapped = keras.models.clone_model(model, clone_function=clone, recursive=True)
     except CatalogError:
         raise
     except Exception as error:  # noqa: BLE001 - Keras's reason, reported with the name
@@ -121,6 +126,15 @@ def _swap_batch_norm(model, norm, bn_splits):
                 "layer" if "Functional" in str(error) else "cannot be cloned layer by layer")
         raise CatalogError(f"{model.name} {what}, so its batch norm cannot be replaced "
                            f"(Keras: {type(error).__name__}: {error})") from error
+    if norm != "batch":  # a batch norm inside a custom layer is out of clone_model's reach
+        hidden = [layer.path for layer in swapped._flatten_layers(include_self=False)
+                  if isinstance(layer, keras.layers.BatchNormalization)
+                  and id(layer) not in replacements]
+        if hidden:
+            raise CatalogError(
+                f"{model.name} keeps batch norm inside custom layers ({', '.join(hidden[:3])}"
+                f"{', ...' if len(hidden) > 3 else ''}), where model.norm {norm} cannot reach "
+                f"it; use model.norm batch for this network")
     for layer in model.layers:
         if layer.weights:
             swapped.get_layer(layer.name).set_weights(layer.get_weights())

@@ -37,6 +37,7 @@ from beam_jobs.atomic_json import read_json, write_json
 from beam_jobs.dataset_format import load_manifest
 from beam_jobs.errors import InputError, MissingInput
 from models import ASCLModel, BYOLModel, build_backbone, prediction_head, projection_head
+from models.catalog import CatalogError
 from pipeline.config import ConfigError, dump_config, from_dict
 
 
@@ -50,12 +51,15 @@ def build_model(config, manifest, steps_per_epoch=None, *, initial_weights=False
     schedule = dict(momentum_schedule=a.momentum_schedule,
                     momentum_steps=config.train.epochs * steps_per_epoch
                     if steps_per_epoch else None)
-    backbone = build_backbone(m.backbone, input_shape=tuple(manifest["image_shape"]), stem=m.stem,
-                              norm=m.norm, bn_splits=m.bn_splits, widths=m.cnn_widths,
-                              args=m.backbone_args, pretrained=m.pretrained, preset=m.preset,
-                              # pretrained weights only to start training: a trained run's
-                              # checkpoint replaces them
-                              load_weights=initial_weights)
+    try:
+        backbone = build_backbone(
+            m.backbone, input_shape=tuple(manifest["image_shape"]), stem=m.stem, norm=m.norm,
+            bn_splits=m.bn_splits, widths=m.cnn_widths, args=m.backbone_args,
+            pretrained=m.pretrained, preset=m.preset,
+            # pretrained weights only to start training: a trained run's checkpoint replaces them
+            load_weights=initial_weights)
+    except CatalogError as err:  # a user's choice of network the catalogue cannot serve
+        raise ConfigError(f"model.backbone {m.backbone}: {err}") from err
     projector = projection_head(backbone.feature_dim, hidden_dims=tuple(m.projector_hidden),
                                 output_dim=m.projector_dim, norm=m.projector_norm,
                                 bn_splits=m.bn_splits)

@@ -69,6 +69,48 @@ def test_a_subclassed_model_is_refused_with_the_reason():
         catalog._swap_batch_norm(Subclassed(), "split", 2)
 
 
+def _nested_network():
+    """A functional network with a functional block inside it, each with its own BN."""
+    block_in = keras.Input((8, 8, 4))
+    block = keras.Model(block_in, keras.layers.BatchNormalization(name="inner_bn")(
+        keras.layers.Conv2D(4, 3, padding="same", name="inner_conv")(block_in)), name="block")
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.BatchNormalization(name="outer_bn")(
+        keras.layers.Conv2D(4, 3, padding="same", name="outer_conv")(inputs))
+    return keras.Model(inputs, block(x), name="nested")
+
+
+def test_the_batch_norm_of_a_nested_sub_model_is_replaced_too():
+    model = _nested_network()
+    _pretrained_shaped(model)
+    swapped = catalog._swap_batch_norm(model, "split", 2)
+    kinds = [type(layer).__name__ for layer in swapped._flatten_layers(include_self=False)
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert kinds == ["SplitBatchNormalization"] * 2
+    images = np.random.default_rng(2).normal(size=(4, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(swapped(images, training=False)),
+                               keras.ops.convert_to_numpy(model(images, training=False)),
+                               atol=1e-5, rtol=1e-5)
+
+
+class _BlockWithItsOwnNorm(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = keras.layers.BatchNormalization()
+
+    def call(self, inputs):
+        return self.norm(inputs)
+
+
+def test_batch_norm_inside_a_custom_layer_is_refused_unless_plain_batch_norm_is_asked():
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, _BlockWithItsOwnNorm(name="custom")(inputs), name="opaque")
+    with pytest.raises(CatalogError, match="keeps batch norm inside custom layers .*custom.*"
+                                           "use model.norm batch"):
+        catalog._swap_batch_norm(model, "split", 2)
+    assert catalog._swap_batch_norm(model, "batch", 2) is not None
+
+
 def test_pretrained_weights_offline_fail_at_once(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # nothing cached
     monkeypatch.setattr(catalog, "_reachable", lambda host, timeout=3.0: False)

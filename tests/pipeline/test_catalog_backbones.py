@@ -69,3 +69,18 @@ def test_a_catalogue_backbone_trains_exports_and_serves(catalogue, digits32, tmp
     np.testing.assert_allclose(served["embedding"],
                                features / np.linalg.norm(features, axis=1, keepdims=True),
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone, message", [
+    ("keras.applications.NoSuchNet", "keras.applications has no 'NoSuchNet'"),
+    ("keras.applications.MobileNetV2", "model.norm none would drop"),
+])
+def test_a_catalogue_choice_it_cannot_serve_is_a_user_error(backbone, message, digits32,
+                                                            tmp_path, capsys):
+    """The CLI's answer to a catalogue error is the message and exit 2, not a traceback."""
+    assert main(["train", "--config", os.path.join(ROOT, "configs/digits_small.yaml"),
+                 "--run-dir", str(tmp_path / "run"), "--set",
+                 f"data.dataset={digits32['directory']}", "--set", f"model.backbone={backbone}",
+                 "--set", "model.norm=none", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.backbone {backbone}" in err and message in err and "Traceback" not in err
