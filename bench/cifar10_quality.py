@@ -74,7 +74,9 @@ ARMS = {
            "byol_lr_x2": ["optimizer.lr=0.06"],
            "byol_cosine_ema": ["ascl.momentum_schedule=cosine"],
            # the two changes that helped alone, together
-           "byol_bn_lr_x4": ["model.projector_norm=batch", "optimizer.lr=0.12"]}.items()},
+           "byol_bn_lr_x4": ["model.projector_norm=batch", "optimizer.lr=0.12"],
+           # the learning rate was still rising at x4: one step further, with BN
+           "byol_bn_lr_x8": ["model.projector_norm=batch", "optimizer.lr=0.24"]}.items()},
 }
 PARTS = {
     "a": {"epochs": 20, "runs": [("moco", 0), ("ascl", 0), ("moco", 1), ("ascl", 1),
@@ -90,7 +92,8 @@ PARTS = {
     # kNN (val_knn_top1), never on the test curve it also logs
     "d": {"epochs": 20, "runs": [("byol_reference", 0), ("byol_projector_bn", 0),
                                  ("byol_lr_x4", 0), ("byol_symmetric", 0), ("byol_lr_x2", 0),
-                                 ("byol_cosine_ema", 0), ("byol_bn_lr_x4", 0)],
+                                 ("byol_cosine_ema", 0), ("byol_bn_lr_x4", 0),
+                                 ("byol_bn_lr_x8", 0)],
           "validation_size": 5000},
 }
 CONFIG = "configs/cifar10_small_cpu.yaml"
