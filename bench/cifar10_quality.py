@@ -76,7 +76,8 @@ ARMS = {
            # the two changes that helped alone, together
            "byol_bn_lr_x4": ["model.projector_norm=batch", "optimizer.lr=0.12"],
            # the learning rate was still rising at x4: one step further, with BN
-           "byol_bn_lr_x8": ["model.projector_norm=batch", "optimizer.lr=0.24"]}.items()},
+           "byol_bn_lr_x8": ["model.projector_norm=batch", "optimizer.lr=0.24"],
+           "byol_bn_lr_x16": ["model.projector_norm=batch", "optimizer.lr=0.48"]}.items()},
 }
 PARTS = {
     "a": {"epochs": 20, "runs": [("moco", 0), ("ascl", 0), ("moco", 1), ("ascl", 1),
@@ -93,7 +94,7 @@ PARTS = {
     "d": {"epochs": 20, "runs": [("byol_reference", 0), ("byol_projector_bn", 0),
                                  ("byol_lr_x4", 0), ("byol_symmetric", 0), ("byol_lr_x2", 0),
                                  ("byol_cosine_ema", 0), ("byol_bn_lr_x4", 0),
-                                 ("byol_bn_lr_x8", 0)],
+                                 ("byol_bn_lr_x8", 0), ("byol_bn_lr_x16", 0)],
           "validation_size": 5000},
 }
 CONFIG = "configs/cifar10_small_cpu.yaml"

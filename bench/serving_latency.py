@@ -5,8 +5,8 @@
 
 Exports ResNet-18 (CIFAR stem, 32 px) and the small CNN exactly as ``ascl export``
 does, in each precision (``--precision``: float32, or bfloat16 under Keras's
-``bfloat16`` policy, as ``pipeline.export.load_for_export`` builds it; weights are
-freshly initialised: speed does not depend on them), loads each SavedModel with
+``bfloat16`` policy with batch norm folded, as ``pipeline.export.in_precision`` makes it;
+weights are freshly initialised: speed does not depend on them), loads each SavedModel with
 ``tf.saved_model.load`` and times ``serving_default`` on PNG bytes: batch 1 and batch
 32 (latency p50, p99 over ``--calls`` calls after warm-up, and images/s at the p50),
 and batch 256 (images/s,
@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from models import build_backbone, projection_head
-from pipeline.export import EXPORT_PRECISIONS, write_export
+from pipeline.export import in_precision, write_export
 from pipeline.precision import cpu_flags
 
 MANIFEST = {"image_shape": [32, 32, 3], "class_names": [str(i) for i in range(10)],
@@ -41,12 +41,9 @@ MANIFEST = {"image_shape": [32, 32, 3], "class_names": [str(i) for i in range(10
 
 def export(name, precision):
     keras.utils.set_random_seed(0)
-    keras.mixed_precision.set_global_policy(EXPORT_PRECISIONS[precision])
-    try:
-        backbone = build_backbone(name, input_shape=(32, 32, 3), norm="split")
-        projector = projection_head(backbone.feature_dim)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    backbone = build_backbone(name, input_shape=(32, 32, 3), norm="split")
+    projector = projection_head(backbone.feature_dim)
+    backbone, projector = in_precision(backbone, projector, precision)
     path = write_export(backbone, projector, MANIFEST, tempfile.mkdtemp() + "/1")
     return tf.saved_model.load(path).signatures["serving_default"]
 

@@ -49,6 +49,7 @@ import tensorflow as tf
 from beam_jobs.atomic_json import write_json
 from beam_jobs.dataset_format import square_crop_and_resize
 from beam_jobs.errors import InputError, OutputExists
+from models.batch_norm_folding import fold_batch_norm
 from pipeline.data import channel_statistics
 from pipeline.gallery import GalleryIndex, check_gallery, gallery_description, read_gallery
 from pipeline.image_guard import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, guarded_decode
@@ -219,14 +220,9 @@ def write_models_config(base_dir):
 
 def load_for_export(run_dir, checkpoint="last", precision="float32"):
     """``(backbone, projector, manifest, weights_sha256)`` of a run, the layers computing in
-    ``precision``.
-
-    ``bfloat16`` rebuilds them under Keras's ``bfloat16`` policy (variables and compute in
-    bfloat16; batch norm still normalises in float32 inside the layer) and copies the
-    weights over, cast once: measured faster than ``mixed_bfloat16``, whose float32
-    variables are cast on every request (BENCHMARKS.md).  The digest is of the float32
-    weights either way, so a gallery embedded by the float32 export is accepted.  The
-    caller's global policy is restored."""
+    ``precision`` (``in_precision``).  The digest is of the float32 weights either way, so a
+    gallery embedded by the float32 export is accepted.  The caller's global policy is
+    restored."""
     if precision not in EXPORT_PRECISIONS:
         raise InputError(f"--precision must be one of {list(EXPORT_PRECISIONS)}, received "
                          f"{precision!r}")
@@ -234,17 +230,47 @@ def load_for_export(run_dir, checkpoint="last", precision="float32"):
     try:  # whatever policy the caller has set, float32 means float32
         keras.mixed_precision.set_global_policy("float32")
         model, config, manifest = load_trained_model(run_dir, checkpoint)
-        digest = weights_sha256(model.backbone, model.projector)
-        if precision == "float32":
-            return model.backbone, model.projector, manifest, digest
-        keras.mixed_precision.set_global_policy(EXPORT_PRECISIONS[precision])
-        converted = build_model(config, manifest)
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    for target, source in ((converted.backbone, model.backbone),
-                           (converted.projector, model.projector)):
+    backbone, projector = in_precision(model.backbone, model.projector, precision,
+                                       rebuild=lambda: build_model(config, manifest))
+    return backbone, projector, manifest, weights_sha256(model.backbone, model.projector)
+
+
+def in_precision(backbone, projector, precision, rebuild=None):
+    """``(backbone, projector)`` computing in ``precision``, from float32 ones.
+
+    ``float32``: the same layers.  ``bfloat16``: clones under Keras's ``bfloat16`` policy
+    (variables and compute in bfloat16), each batch norm that follows a convolution or dense
+    layer folded into it (``models.batch_norm_folding``; Keras's batch norm would normalise
+    in float32 between two casts), the weights cast once: measured faster than
+    ``mixed_bfloat16``, whose float32 variables are cast on every request, and folding made
+    the batch-1 request faster again (BENCHMARKS.md).  A model that is not functional
+    cannot be cloned: ``rebuild()`` (the same architecture, built under the current policy)
+    is called then, and the weights copied into it unfolded.  The caller's global policy is
+    restored."""
+    if precision not in EXPORT_PRECISIONS:
+        raise InputError(f"--precision must be one of {list(EXPORT_PRECISIONS)}, received "
+                         f"{precision!r}")
+    if precision == "float32":
+        return backbone, projector
+    previous = keras.mixed_precision.global_policy()
+    try:
+        keras.mixed_precision.set_global_policy(EXPORT_PRECISIONS[precision])
+        try:
+            folded_backbone, _ = fold_batch_norm(backbone, EXPORT_PRECISIONS[precision])
+            folded_projector, _ = fold_batch_norm(projector, EXPORT_PRECISIONS[precision])
+            folded_backbone.feature_dim = backbone.feature_dim
+            return folded_backbone, folded_projector
+        except ValueError:  # not functional
+            if rebuild is None:
+                raise
+            converted = rebuild()
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    for target, source in ((converted.backbone, backbone), (converted.projector, projector)):
         target.set_weights([np.asarray(w, np.float32) for w in source.get_weights()])
-    return converted.backbone, converted.projector, manifest, digest
+    return converted.backbone, converted.projector
 
 
 def compute_precision(layer):

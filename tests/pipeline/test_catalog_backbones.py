@@ -69,6 +69,12 @@ def test_a_catalogue_backbone_trains_exports_and_serves(catalogue, digits32, tmp
     np.testing.assert_allclose(served["embedding"],
                                features / np.linalg.norm(features, axis=1, keepdims=True),
                                atol=1e-4)
+    # in bfloat16 too (its batch norm folded into the layers before it): the same directions
+    assert main(["export", "--run-dir", run_dir, "--name", f"{catalogue}_bf16",
+                 "--base-dir", str(exports), "--precision", "bfloat16"]) == 0
+    half = tf.saved_model.load(str(exports / f"{catalogue}_bf16" / "1")).signatures[
+        "serving_default"](image_bytes=tf.constant(pngs))["embedding"].numpy()
+    assert np.sum(half * served["embedding"], axis=1).min() >= 0.999
 
 
 @pytest.mark.parametrize("backbone, message", [

@@ -173,7 +173,8 @@ def test_version_zero_is_rejected_not_taken_as_next(exported, tmp_path):
 
 def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings(
         exported, digits16, tmp_path):
-    """The same run exported with --precision bfloat16 (weights frozen into the graph):
+    """The same run exported with --precision bfloat16 (batch norm folded, weights frozen
+    into the graph):
     outputs float32 and unit-norm,
     cosine >= 0.999 with the float32 export's on the real (digit) test images, the same
     weights digest (so a float32-embedded gallery is accepted), and precision recorded."""
@@ -201,6 +202,9 @@ def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings
     convolutions = [node for node in nodes if node.op == "Conv2D"]
     assert convolutions and all(node.attr["T"].type == tf.bfloat16.as_datatype_enum
                                 for node in convolutions)
+    # batch norm is folded into the convolutions: the only square roots left are the two
+    # L2 normalisations of the outputs (a float32 batch norm adds one each)
+    assert [node.op for node in nodes].count("Rsqrt") == 2
     # its weights are constants of the graph (so oneDNN keeps its reordered filters), and
     # every op is stock TensorFlow
     from tensorflow.python.framework import op_def_registry
