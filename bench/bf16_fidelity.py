@@ -1,14 +1,14 @@
 """Benchmark: does a bfloat16 export embed like the float32 one, on CIFAR-10?
 
     python bench/bf16_fidelity.py --run-dir runs/retrieval/a/ascl-seed0 \
-        [--data .data/cifar10-prepared]
+        [--data .data/cifar10-prepared] [--json bench/results/bf16_fidelity.json]
 
 Exports the run's ``last`` weights twice (``ascl export --precision float32`` and
 ``--precision bfloat16``), embeds the 50,000 training and 10,000 test images through
 each export's ``embed_pixels`` signature (the served graph after decoding), and
 reports the cosine between the two exports' embeddings of every test image (min,
 mean, 0.1th percentile) and kNN top-1 (k=200, t=0.1, the training split as the bank)
-with each export's embeddings.  Results: ``bench/results/bf16_fidelity.json``.
+with each export's embeddings.  Results: ``--json`` (``bench/results/bf16_fidelity.json``).
 """
 
 import argparse
@@ -40,6 +40,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--data", default=".data/cifar10-prepared")
+    parser.add_argument("--json", default=RESULTS)
     args = parser.parse_args()
 
     from beam_jobs.dataset_format import load_manifest
@@ -61,6 +62,7 @@ def main():
                                    num_classes=len(manifest["class_names"]))["top1"]
            for precision, values in embeddings.items()}
     results = {"command": "python bench/bf16_fidelity.py " + " ".join(sys.argv[1:]),
+               "bfloat16_export": "batch norm folded (models.batch_norm_folding)",
                "run_dir": args.run_dir, "test_images": int(len(cosine)),
                "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()),
                "cosine_p0.1": float(np.percentile(cosine, 0.1)),
@@ -69,7 +71,7 @@ def main():
     print(json.dumps(results, indent=1))
     from beam_jobs.atomic_json import write_json  # imports TensorFlow
 
-    write_json(RESULTS, results, indent=1)
+    write_json(args.json, results, indent=1)
 
 
 if __name__ == "__main__":
