@@ -91,8 +91,8 @@ def build_export_archive(backbone, projector, manifest, gallery=None,
     ``neighbors`` and ``neighbors_of_embedding`` when a ``GalleryIndex`` is given."""
     height, width, _ = manifest["image_shape"]
     mean, std = (tf.constant(value) for value in channel_statistics(manifest))
-    frozen = compute_precision(backbone) == "bfloat16"
-    encode = _encoder(backbone, projector, (height, width, 3), frozen)
+    constant_kernels = compute_precision(backbone) == "bfloat16"
+    encode = _encoder(backbone, projector, (height, width, 3), constant_kernels)
 
     def outputs(images):
         features, projection = encode((tf.cast(images, tf.float32) - mean) / std)
@@ -116,9 +116,8 @@ def build_export_archive(backbone, projector, manifest, gallery=None,
             return outputs(tf.identity(images))
 
     archive = keras.export.ExportArchive()
-    if not frozen:  # a frozen encoder holds its weights as constants of the graph
-        archive.track(backbone)
-        archive.track(projector)
+    archive.track(backbone)
+    archive.track(projector)
     archive.add_endpoint("serving_default", serve_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.add_endpoint("embed_pixels", serve_pixels,
@@ -129,27 +128,50 @@ def build_export_archive(backbone, projector, manifest, gallery=None,
     return archive
 
 
-def _encoder(backbone, projector, image_shape, frozen):
+def _encoder(backbone, projector, image_shape, constant_kernels):
     """``images [B, H, W, 3] float32 -> (features, projection)``, both float32.
 
-    ``frozen``: the weights become constants of the graph (a bfloat16 export does this).
-    oneDNN's AMX bfloat16 convolutions want the filters in a blocked layout, and TF's oneDNN
-    convolution keeps a reordered filter only for a constant one: with variables, every
-    request reorders every filter again, which made a batch-1 bfloat16 ResNet-18 request
-    slower than float32 (BENCHMARKS.md). A ResNet-18 is 22 MB of bfloat16 constants, far
-    from the GraphDef's 2 GiB cap."""
+    ``constant_kernels`` (a bfloat16 export): the convolution and dense kernels become
+    constants of the graph, read through ``keras.StatelessScope``; every other weight stays
+    a variable.  oneDNN's bfloat16 convolutions want the filters in a blocked layout, and
+    TF's oneDNN convolution keeps a reordered filter only for a constant one: with
+    variables, every request reorders every filter again, which made a batch-1 bfloat16
+    ResNet-18 request slower than float32.  The biases stay variables because grappler's
+    constant folding, given a constant bias too, stops the remapper from fusing
+    convolution, bias and ReLU into one oneDNN primitive (measured: 17 of ResNet-18's 20
+    convolutions fused this way, none with every weight constant; BENCHMARKS.md).  The
+    encoder is one function, so the kernels are stored once whichever signatures call it;
+    a ResNet-18 is 22 MB of bfloat16 constants, far from the GraphDef's 2 GiB cap."""
     def encode(images):
         features = tf.cast(backbone(images, training=False), tf.float32)
         return features, tf.cast(projector(features, training=False), tf.float32)
 
-    if not frozen:
+    if not constant_kernels:
         return encode
-    # TensorFlow's own freezing (the one tf.lite and saved_model_cli use); no public alias
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    kernels = [(variable, keras.ops.convert_to_numpy(variable.value))
+               for variable in _kernel_variables(backbone, projector)]
 
-    constant = convert_variables_to_constants_v2(tf.function(encode).get_concrete_function(
-        tf.TensorSpec([None, *image_shape], tf.float32)))
-    return lambda images: tuple(constant(images))
+    @tf.function(input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
+    def encode_with_constant_kernels(images):
+        mapping = [(variable, tf.constant(value, dtype=variable.dtype))
+                   for variable, value in kernels]
+        with keras.StatelessScope(state_mapping=mapping):
+            return encode(images)
+
+    return encode_with_constant_kernels
+
+
+def _kernel_variables(*models):
+    """The ``kernel`` variable of every layer of ``models`` that has one (convolutions,
+    dense layers), nested models included."""
+    found, pending = [], list(models)
+    while pending:
+        layer = pending.pop()
+        if isinstance(layer, keras.Model):
+            pending.extend(layer.layers)
+        elif isinstance(getattr(layer, "kernel", None), keras.Variable):
+            found.append(layer.kernel)
+    return found
 
 
 def _add_neighbor_endpoints(archive, gallery, serve_bytes, feature_dim):

@@ -173,8 +173,8 @@ def test_version_zero_is_rejected_not_taken_as_next(exported, tmp_path):
 
 def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings(
         exported, digits16, tmp_path):
-    """The same run exported with --precision bfloat16 (batch norm folded, weights frozen
-    into the graph):
+    """The same run exported with --precision bfloat16 (batch norm folded, kernels constants
+    of the graph):
     outputs float32 and unit-norm,
     cosine >= 0.999 with the float32 export's on the real (digit) test images, the same
     weights digest (so a float32-embedded gallery is accepted), and precision recorded."""
@@ -205,11 +205,16 @@ def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings
     # batch norm is folded into the convolutions: the only square roots left are the two
     # L2 normalisations of the outputs (a float32 batch norm adds one each)
     assert [node.op for node in nodes].count("Rsqrt") == 2
-    # its weights are constants of the graph (so oneDNN keeps its reordered filters), and
-    # every op is stock TensorFlow
+    # every convolution and matmul reads its kernel from a constant of the graph (so oneDNN
+    # keeps its reordered filters), and every op is stock TensorFlow
     from tensorflow.python.framework import op_def_registry
 
-    assert not [node for node in nodes if node.op == "ReadVariableOp"]
+    for function in graph.library.function:
+        ops = {node.name: node.op for node in function.node_def}
+        kernels = [ops.get(node.input[1].split(":")[0]) for node in function.node_def
+                   if node.op in ("Conv2D", "MatMul") and node.attr["T"].type
+                   == tf.bfloat16.as_datatype_enum]
+        assert all(op == "Const" for op in kernels), kernels
     assert [op for op in {node.op for node in nodes} if op_def_registry.get(op) is None] == []
     with pytest.raises(ValueError, match="--precision must be one of"):
         export_run(run_dir, name="digits_x", base_dir=str(tmp_path), precision="float16")
