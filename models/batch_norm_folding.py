@@ -8,8 +8,8 @@ graph then has one op where it had several, and under a ``bfloat16`` policy it a
 drops the two casts Keras puts around every batch norm (it normalises in float32):
 measured on a batch-1 ResNet-18 request, the folded network is as fast as one built
 without normalisation (BENCHMARKS.md, "bfloat16 exports").  The folding is computed
-in float64 from the float32 weights, then stored in the clone's dtype, so a bfloat16
-clone rounds each weight once.
+in float64 from the float32 weights, then stored in the clone's dtype (through float32:
+a bfloat16 clone's weights are rounded as a cast float32 weight is).
 
 Only what is unambiguous is folded: a ``BatchNormalization`` (or this project's
 ``SplitBatchNormalization``, the same map at inference) normalising the last axis,
@@ -22,6 +22,11 @@ import keras
 import numpy as np
 
 from models.normalization import SplitBatchNormalization
+
+
+class NotFunctional(ValueError):
+    """The model is not functional (subclassed, or a nested ``Sequential``): not foldable."""
+
 
 FOLDABLE_NORMS = (keras.layers.BatchNormalization, SplitBatchNormalization)
 FOLDABLE_PRODUCERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
@@ -82,12 +87,12 @@ def fold_batch_norm(model, dtype=None):
 
     ``dtype``: the dtype policy of every layer of the clone (``"bfloat16"`` for a bfloat16
     serving graph); by default each keeps its own.  Nested functional models are folded the
-    same way.  Raises ``ValueError`` for a model that is not functional (a subclassed model
-    or a nested ``Sequential``): the caller keeps its unfolded path then."""
+    same way.  Raises ``NotFunctional`` for a model that is not functional (a subclassed
+    model or a nested ``Sequential``): the caller keeps its unfolded path then."""
     if (not isinstance(model, keras.Model) or isinstance(model, keras.Sequential)
             or not hasattr(model, "_run_through_graph")):
-        raise ValueError(f"fold_batch_norm needs a functional model, received "
-                         f"{type(model).__name__} {getattr(model, 'name', '')!r}")
+        raise NotFunctional(f"fold_batch_norm needs a functional model, received "
+                            f"{type(model).__name__} {getattr(model, 'name', '')!r}")
     norm_of = _foldable_pairs(model)
     folded_norms = {norm.name for norm in norm_of.values()}
     copies, nested = [], [0]
@@ -98,8 +103,8 @@ def fold_batch_norm(model, dtype=None):
             nested[0] += count
             return inner
         config = layer.get_config()
-        if dtype is not None:
-            config["dtype"] = dtype
+        if dtype is not None and layer.dtype_policy.name == "float32":
+            config["dtype"] = dtype  # a layer set to another dtype on purpose keeps it
         if layer.name in folded_norms:
             return keras.layers.Identity(name=layer.name, dtype=config.get("dtype"))
         if layer.name in norm_of:
@@ -113,7 +118,13 @@ def fold_batch_norm(model, dtype=None):
             return layer(args[0])
         return layer(*args, **kwargs)
 
-    result = keras.models.clone_model(model, clone_function=clone, call_function=call)
+    previous = keras.mixed_precision.global_policy()
+    try:  # the clone's own policy (what compute_precision reads) is the dtype asked for
+        if dtype is not None:
+            keras.mixed_precision.set_global_policy(dtype)
+        result = keras.models.clone_model(model, clone_function=clone, call_function=call)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     for old, new in copies:
         norm = norm_of.get(old.name)
         if norm is None:

@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -49,7 +50,7 @@ import tensorflow as tf
 from beam_jobs.atomic_json import write_json
 from beam_jobs.dataset_format import square_crop_and_resize
 from beam_jobs.errors import InputError, OutputExists
-from models.batch_norm_folding import fold_batch_norm
+from models.batch_norm_folding import NotFunctional, fold_batch_norm
 from pipeline.data import channel_statistics
 from pipeline.gallery import GalleryIndex, check_gallery, gallery_description, read_gallery
 from pipeline.image_guard import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, guarded_decode
@@ -151,7 +152,8 @@ def _encoder(backbone, projector, image_shape, constant_kernels):
     kernels = [(variable, keras.ops.convert_to_numpy(variable.value))
                for variable in _kernel_variables(backbone, projector)]
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)],
+                 autograph=False)
     def encode_with_constant_kernels(images):
         mapping = [(variable, tf.constant(value, dtype=variable.dtype))
                    for variable, value in kernels]
@@ -162,16 +164,17 @@ def _encoder(backbone, projector, image_shape, constant_kernels):
 
 
 def _kernel_variables(*models):
-    """The ``kernel`` variable of every layer of ``models`` that has one (convolutions,
-    dense layers), nested models included."""
-    found, pending = [], list(models)
-    while pending:
-        layer = pending.pop()
-        if isinstance(layer, keras.Model):
-            pending.extend(layer.layers)
-        elif isinstance(getattr(layer, "kernel", None), keras.Variable):
-            found.append(layer.kernel)
-    return found
+    """The kernel variables (``kernel``, ``depthwise_kernel``, ``pointwise_kernel``) of every
+    layer of ``models``, nested layers included, each once.  Keras has no public walk over
+    nested layers: ``_flatten_layers`` is the one ``layer.weights`` itself uses."""
+    found = {}
+    for model in models:
+        for layer in model._flatten_layers(include_self=False):
+            for name in ("kernel", "depthwise_kernel", "pointwise_kernel"):
+                variable = getattr(layer, name, None)
+                if isinstance(variable, keras.Variable):
+                    found.setdefault(id(variable), variable)
+    return list(found.values())
 
 
 def _add_neighbor_endpoints(archive, gallery, serve_bytes, feature_dim):
@@ -284,9 +287,11 @@ def in_precision(backbone, projector, precision, rebuild=None):
             folded_projector, _ = fold_batch_norm(projector, EXPORT_PRECISIONS[precision])
             folded_backbone.feature_dim = backbone.feature_dim
             return folded_backbone, folded_projector
-        except ValueError:  # not functional
+        except NotFunctional as error:
             if rebuild is None:
                 raise
+            warnings.warn(f"{error}: exported in {precision} with batch norm unfolded (slower)",
+                          stacklevel=2)
             converted = rebuild()
     finally:
         keras.mixed_precision.set_global_policy(previous)

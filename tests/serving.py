@@ -24,3 +24,33 @@ def serve_in_a_clean_process(model_dir, pngs, workdir):
                             cwd=str(workdir))
     assert result.returncode == 0, result.stderr[-3000:]
     return {name: np.load(workdir / f"{name}.npy") for name in ("embedding", "projection")}
+
+
+PASS_THROUGH_OPS = ("Identity", "Reshape", "Squeeze", "Cast")
+
+
+def weight_sources(signature):
+    """``{"kernels": [...], "biases": [...]}``: for every bfloat16 convolution, depthwise
+    convolution and matmul of a loaded ``signature``, the op its weights come from
+    (``Const`` or ``ReadVariableOp``, through identities, reshapes and casts), and the same
+    for the bias of every bfloat16 ``BiasAdd``."""
+    import tensorflow as tf
+
+    sources = {"kernels": [], "biases": []}
+    for function in signature.graph.as_graph_def().library.function:
+        nodes = {node.name: node for node in function.node_def}
+
+        def source(name, nodes=nodes):
+            node = nodes.get(name.lstrip("^").split(":")[0])
+            while node is not None and node.op in PASS_THROUGH_OPS:
+                node = nodes.get(node.input[0].split(":")[0])
+            return node.op if node is not None else "argument"
+
+        for node in function.node_def:
+            if node.attr["T"].type != tf.bfloat16.as_datatype_enum:
+                continue
+            if node.op in ("Conv2D", "DepthwiseConv2dNative", "MatMul"):
+                sources["kernels"].append(source(node.input[1]))
+            elif node.op == "BiasAdd":
+                sources["biases"].append(source(node.input[1]))
+    return sources

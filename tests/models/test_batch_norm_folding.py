@@ -56,6 +56,8 @@ def test_a_folded_resnet18_has_no_batch_norm_and_the_same_outputs(norm):
     # in bfloat16: every layer computes in it, and the outputs keep their direction
     half, _ = fold_batch_norm(backbone, "bfloat16")
     assert {layer.dtype_policy.name for layer in half.layers[1:]} == {"bfloat16"}
+    assert half.dtype_policy.name == "bfloat16"  # what the export reads as its precision
+    assert keras.mixed_precision.global_policy().name == "float32"
     values = keras.ops.convert_to_numpy(keras.ops.cast(half(x), "float32"))
     cosine = np.sum(values * expected, 1) / np.linalg.norm(values, axis=1) / np.linalg.norm(
         expected, axis=1)
@@ -64,8 +66,9 @@ def test_a_folded_resnet18_has_no_batch_norm_and_the_same_outputs(norm):
 
 def test_only_unambiguous_pairs_are_folded_and_the_rest_still_computes_the_same():
     """A convolution with an activation, one whose output also feeds another layer, and a
-    batch norm after a non-linear layer all stay; a depthwise convolution and a dense layer
-    followed by split BN are folded; a nested functional model is folded inside."""
+    dense layer whose output is also a model output keep their batch norm; a depthwise
+    convolution and a dense layer followed by split BN are folded; a nested functional model
+    is folded inside."""
     inputs = keras.Input((8, 8, 3))
     relu_conv = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
     kept_after_relu = keras.layers.BatchNormalization()(relu_conv)
@@ -80,15 +83,16 @@ def test_only_unambiguous_pairs_are_folded_and_the_rest_still_computes_the_same(
     pooled = keras.layers.GlobalAveragePooling2D()(inner(folded_depthwise))
     dense = keras.layers.Dense(6)(pooled)
     outputs = SplitBatchNormalization(num_splits=2)(dense)
-    model = keras.Model(inputs, outputs)
+    exposed = keras.layers.Dense(5)(pooled)  # its output is also one of the model's
+    model = keras.Model(inputs, [outputs, exposed, keras.layers.BatchNormalization()(exposed)])
     _trained_statistics(model)
 
     folded, count = fold_batch_norm(model)
-    assert count == 3 and _norms(folded) == 2  # the depthwise, the nested and the dense pairs
+    assert count == 3 and _norms(folded) == 3  # the depthwise, the nested and the dense pairs
     x = np.random.default_rng(3).normal(size=(4, 8, 8, 3)).astype("float32")
-    expected = model(x, training=False).numpy()
-    np.testing.assert_allclose(folded(x, training=False).numpy(), expected,
-                               atol=1e-5 * np.abs(expected).max())
+    for expected, value in zip(model(x, training=False), folded(x, training=False)):
+        np.testing.assert_allclose(value.numpy(), expected.numpy(),
+                                   atol=1e-5 * np.abs(expected.numpy()).max())
 
 
 def test_a_model_that_is_not_functional_is_refused():

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.cli import main
-from tests.serving import serve_in_a_clean_process
+from tests.serving import serve_in_a_clean_process, weight_sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CATALOGUE = {
@@ -72,9 +72,12 @@ def test_a_catalogue_backbone_trains_exports_and_serves(catalogue, digits32, tmp
     # in bfloat16 too (its batch norm folded into the layers before it): the same directions
     assert main(["export", "--run-dir", run_dir, "--name", f"{catalogue}_bf16",
                  "--base-dir", str(exports), "--precision", "bfloat16"]) == 0
-    half = tf.saved_model.load(str(exports / f"{catalogue}_bf16" / "1")).signatures[
-        "serving_default"](image_bytes=tf.constant(pngs))["embedding"].numpy()
+    signature = tf.saved_model.load(str(exports / f"{catalogue}_bf16" / "1")).signatures[
+        "serving_default"]
+    half = signature(image_bytes=tf.constant(pngs))["embedding"].numpy()
     assert np.sum(half * served["embedding"], axis=1).min() >= 0.999
+    # its kernels (MobileNetV2's depthwise ones too) are constants of the graph
+    assert set(weight_sources(signature)["kernels"]) == {"Const"}
 
 
 @pytest.mark.parametrize("backbone, message", [

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from pipeline.export import export_run
 from pipeline.run_dir import load_trained_model
-from tests.serving import serve_in_a_clean_process
+from tests.serving import serve_in_a_clean_process, weight_sources
 
 
 def _png_batch(digits16, count=5):
@@ -206,15 +206,55 @@ def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings
     # L2 normalisations of the outputs (a float32 batch norm adds one each)
     assert [node.op for node in nodes].count("Rsqrt") == 2
     # every convolution and matmul reads its kernel from a constant of the graph (so oneDNN
-    # keeps its reordered filters), and every op is stock TensorFlow
+    # keeps its reordered filters), every bias from a variable (so grappler still fuses
+    # convolution, bias and ReLU), and every op is stock TensorFlow
     from tensorflow.python.framework import op_def_registry
 
-    for function in graph.library.function:
-        ops = {node.name: node.op for node in function.node_def}
-        kernels = [ops.get(node.input[1].split(":")[0]) for node in function.node_def
-                   if node.op in ("Conv2D", "MatMul") and node.attr["T"].type
-                   == tf.bfloat16.as_datatype_enum]
-        assert all(op == "Const" for op in kernels), kernels
+    sources = weight_sources(model.signatures["serving_default"])
+    assert sources["kernels"] and set(sources["kernels"]) == {"Const"}, sources
+    assert sources["biases"] and set(sources["biases"]) == {"ReadVariableOp"}, sources
     assert [op for op in {node.op for node in nodes} if op_def_registry.get(op) is None] == []
     with pytest.raises(ValueError, match="--precision must be one of"):
         export_run(run_dir, name="digits_x", base_dir=str(tmp_path), precision="float16")
+
+
+def test_a_model_that_cannot_be_folded_is_rebuilt_in_bfloat16_unfolded(monkeypatch):
+    """in_precision's fallback: when folding refuses the model (not functional), the
+    architecture is rebuilt under the bfloat16 policy and the float32 weights copied in,
+    with a warning, not an error."""
+    import keras
+
+    import pipeline.export as export
+    from models import build_backbone, projection_head
+    from models.batch_norm_folding import NotFunctional
+
+    def refuse(model, dtype=None):
+        raise NotFunctional("fold_batch_norm needs a functional model")
+
+    def build():
+        keras.utils.set_random_seed(0)
+        backbone = build_backbone("small_cnn", input_shape=(16, 16, 3), norm="batch")
+        return backbone, projection_head(backbone.feature_dim, hidden_dims=(32,), output_dim=8)
+
+    backbone, projector = build()
+    for layer in backbone.layers:  # weights unlike the rebuilt model's initial ones
+        for weight in layer.weights:
+            weight.assign(np.random.default_rng(len(weight.path)).uniform(
+                0.5, 1.5, weight.shape).astype("float32"))
+    monkeypatch.setattr(export, "fold_batch_norm", refuse)
+    rebuilt = type("Rebuilt", (), {})
+    with pytest.warns(UserWarning, match="batch norm unfolded"):
+        half, half_projector = export.in_precision(
+            backbone, projector, "bfloat16",
+            rebuild=lambda: setattr(rebuilt, "backbone", build()[0]) or setattr(
+                rebuilt, "projector", build()[1]) or rebuilt)
+    assert export.compute_precision(half) == "bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+    x = np.random.default_rng(1).normal(size=(4, 16, 16, 3)).astype("float32")
+    expected = backbone(x, training=False).numpy()
+    values = keras.ops.convert_to_numpy(keras.ops.cast(half(x, training=False), "float32"))
+    cosine = np.sum(values * expected, 1) / np.linalg.norm(values, axis=1) / np.linalg.norm(
+        expected, axis=1)
+    assert cosine.min() >= 0.999
+    with pytest.raises(NotFunctional):  # without a rebuild there is nothing to fall back on
+        export.in_precision(backbone, projector, "bfloat16")
