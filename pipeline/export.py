@@ -243,14 +243,18 @@ def write_models_config(base_dir):
     return path
 
 
+def _check_precision(precision):
+    if precision not in EXPORT_PRECISIONS:
+        raise InputError(f"--precision must be one of {list(EXPORT_PRECISIONS)}, received "
+                         f"{precision!r}")
+
+
 def load_for_export(run_dir, checkpoint="last", precision="float32"):
     """``(backbone, projector, manifest, weights_sha256)`` of a run, the layers computing in
     ``precision`` (``in_precision``).  The digest is of the float32 weights either way, so a
     gallery embedded by the float32 export is accepted.  The caller's global policy is
     restored."""
-    if precision not in EXPORT_PRECISIONS:
-        raise InputError(f"--precision must be one of {list(EXPORT_PRECISIONS)}, received "
-                         f"{precision!r}")
+    _check_precision(precision)
     previous = keras.mixed_precision.global_policy()
     try:  # whatever policy the caller has set, float32 means float32
         keras.mixed_precision.set_global_policy("float32")
@@ -274,9 +278,7 @@ def in_precision(backbone, projector, precision, rebuild=None):
     cannot be cloned: ``rebuild()`` (the same architecture, built under the current policy)
     is called then, and the weights copied into it unfolded.  The caller's global policy is
     restored."""
-    if precision not in EXPORT_PRECISIONS:
-        raise InputError(f"--precision must be one of {list(EXPORT_PRECISIONS)}, received "
-                         f"{precision!r}")
+    _check_precision(precision)
     if precision == "float32":
         return backbone, projector
     previous = keras.mixed_precision.global_policy()
