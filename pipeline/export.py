@@ -281,20 +281,21 @@ def in_precision(backbone, projector, precision, rebuild=None):
     _check_precision(precision)
     if precision == "float32":
         return backbone, projector
+    dtype = EXPORT_PRECISIONS[precision]
+    try:  # fold_batch_norm sets the policy of what it builds itself
+        folded_backbone, _ = fold_batch_norm(backbone, dtype)
+        folded_projector, _ = fold_batch_norm(projector, dtype)
+        folded_backbone.feature_dim = backbone.feature_dim
+        return folded_backbone, folded_projector
+    except NotFunctional as error:
+        if rebuild is None:
+            raise
+        warnings.warn(f"{error}: exported in {precision} with batch norm unfolded (slower)",
+                      stacklevel=2)
     previous = keras.mixed_precision.global_policy()
     try:
-        keras.mixed_precision.set_global_policy(EXPORT_PRECISIONS[precision])
-        try:
-            folded_backbone, _ = fold_batch_norm(backbone, EXPORT_PRECISIONS[precision])
-            folded_projector, _ = fold_batch_norm(projector, EXPORT_PRECISIONS[precision])
-            folded_backbone.feature_dim = backbone.feature_dim
-            return folded_backbone, folded_projector
-        except NotFunctional as error:
-            if rebuild is None:
-                raise
-            warnings.warn(f"{error}: exported in {precision} with batch norm unfolded (slower)",
-                          stacklevel=2)
-            converted = rebuild()
+        keras.mixed_precision.set_global_policy(dtype)
+        converted = rebuild()
     finally:
         keras.mixed_precision.set_global_policy(previous)
     for target, source in ((converted.backbone, backbone), (converted.projector, projector)):
