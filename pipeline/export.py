@@ -117,8 +117,13 @@ def build_export_archive(backbone, projector, manifest, gallery=None,
             return outputs(tf.identity(images))
 
     archive = keras.export.ExportArchive()
-    archive.track(backbone)
-    archive.track(projector)
+    if not constant_kernels:
+        # With constant kernels the endpoints read only the other weights (biases), and the
+        # archive saves just the variables its endpoints use: tracking the layers would
+        # store every kernel a second time, as an unused variable (twice the size on disk
+        # and in the server's memory).
+        archive.track(backbone)
+        archive.track(projector)
     archive.add_endpoint("serving_default", serve_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.add_endpoint("embed_pixels", serve_pixels,
@@ -141,8 +146,9 @@ def _encoder(backbone, projector, image_shape, constant_kernels):
     constant folding, given a constant bias too, stops the remapper from fusing
     convolution, bias and ReLU into one oneDNN primitive (measured: 17 of ResNet-18's 20
     convolutions fused this way, none with every weight constant; BENCHMARKS.md).  The
-    encoder is one function, so the kernels are stored once whichever signatures call it;
-    a ResNet-18 is 22 MB of bfloat16 constants, far from the GraphDef's 2 GiB cap."""
+    encoder is one function, so the kernels are stored once whichever signatures call it,
+    and ``build_export_archive`` does not save them again as variables; a ResNet-18 is
+    22 MB of bfloat16 constants, far from the GraphDef's 2 GiB cap."""
     def encode(images):
         features = tf.cast(backbone(images, training=False), tf.float32)
         return features, tf.cast(projector(features, training=False), tf.float32)

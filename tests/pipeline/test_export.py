@@ -214,6 +214,13 @@ def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings
     assert sources["kernels"] and set(sources["kernels"]) == {"Const"}, sources
     assert sources["biases"] and set(sources["biases"]) == {"ReadVariableOp"}, sources
     assert [op for op in {node.op for node in nodes} if op_def_registry.get(op) is None] == []
+    # the kernels are stored once, as those constants: the saved variables are the biases
+    # alone (1-d), not the kernels a second time (a tracked layer would save them too)
+    saved = [shape for name, shape in tf.train.list_variables(
+        os.path.join(path, "variables", "variables")) if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert saved and all(len(shape) == 1 for shape in saved), saved
+    float32_saved = tf.train.list_variables(os.path.join(float32_path, "variables", "variables"))
+    assert any(len(shape) > 1 for _, shape in float32_saved)
     with pytest.raises(ValueError, match="--precision must be one of"):
         export_run(run_dir, name="digits_x", base_dir=str(tmp_path), precision="float16")
 
