@@ -1,7 +1,8 @@
 """Workarounds for Keras bugs that the models hit, in one place.
 
-Each names the upstream bug it works around, and ``tests/models/test_multi_worker.py`` has a
-test that fails once Keras fixes it, so that the workaround gets deleted instead of lingering.
+Each names the upstream bug it works around and has a test that fails once Keras fixes it
+(``tests/models/test_multi_worker.py``, ``tests/models/test_keras_workarounds.py``), so that
+the workaround gets deleted instead of lingering.
 
 keras-team/keras#20585 (open in Keras 3.15 and 3.16.dev): under ``MultiWorkerMirroredStrategy``
 across worker processes, Keras's TensorFlow trainer averages values across replicas with
@@ -13,8 +14,15 @@ scalars.  It hits ``fit`` twice:
   from construction);
 * at every step, the logs are reduced: ``reducible_logs`` hands them over as 1-vectors,
   whose mean over replicas is the scalar a single-worker strategy logs.
+
+keras-team/keras#23553 (open in Keras 3.15): an ``ExportArchive`` that ``track``s a layer
+saves each of its weights twice in the SavedModel, as the tracked Keras variable and as the
+tf.Variable its endpoints capture (different objects, so the checkpoint keeps both): twice
+the size on disk and in a server's memory.  ``untracked_export_archive`` is the archive the
+serving export uses, tracking nothing.
 """
 
+import keras
 import tensorflow as tf
 
 
@@ -45,3 +53,11 @@ def reducible_logs(results, strategy):
     if not across_workers(strategy):
         return results
     return {name: tf.reshape(value, [1]) for name, value in results.items()}
+
+
+def untracked_export_archive():
+    """A ``keras.export.ExportArchive`` to add endpoints to without ``track``ing any layer:
+    it saves the variables its endpoints capture, each once (tracking would save them twice,
+    keras-team/keras#23553).  Endpoints over Keras layers need nothing else; the revived
+    SavedModel's ``variables`` list is empty (its checkpoint holds them)."""
+    return keras.export.ExportArchive()

@@ -51,6 +51,7 @@ from beam_jobs.atomic_json import write_json
 from beam_jobs.dataset_format import square_crop_and_resize
 from beam_jobs.errors import InputError, OutputExists
 from models.batch_norm_folding import NotFunctional, fold_batch_norm
+from models.keras_workarounds import untracked_export_archive
 from pipeline.data import channel_statistics
 from pipeline.gallery import GalleryIndex, check_gallery, gallery_description, read_gallery
 from pipeline.image_guard import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, guarded_decode
@@ -116,15 +117,10 @@ def build_export_archive(backbone, projector, manifest, gallery=None,
         with tf.control_dependencies([check]):
             return outputs(tf.identity(images))
 
-    # The layers are not ``track``ed: the archive saves the variables its endpoints read,
-    # each once.  Tracking them would save every weight twice (keras-team/keras#23553, open
-    # in Keras 3.15: the tracked Keras variables and the endpoints' captured tf.Variables are
-    # different objects, so the checkpoint keeps both), and a bfloat16 export's kernels,
-    # which its graph holds as constants, a second time as unused variables.
-    # tests/pipeline/test_export.py::test_keras_still_saves_tracked_layers_twice fails once
-    # Keras is fixed.  (A revived export's ``variables`` list is empty: the checkpoint holds
-    # them.)
-    archive = keras.export.ExportArchive()
+    # The layers are not tracked (keras-team/keras#23553): the archive saves the variables
+    # the endpoints read, each once, so a bfloat16 export's kernels, which its graph holds
+    # as constants, are not saved again as unused variables either.
+    archive = untracked_export_archive()
     archive.add_endpoint("serving_default", serve_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.add_endpoint("embed_pixels", serve_pixels,

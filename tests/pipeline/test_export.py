@@ -229,30 +229,13 @@ def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings
     # alone (1-d), not the kernels a second time (a tracked layer would save them too)
     saved = _saved_shapes(path)
     assert saved and all(len(shape) == 1 for shape in saved), saved
-    # and the float32 export saves each weight once (keras-team/keras#23553 would save two)
+    # and the float32 export saves each weight once (a tracked layer would save two,
+    # models.keras_workarounds.untracked_export_archive)
     model, _, _ = load_trained_model(run_dir, "last")
     assert _saved_sizes(float32_path) == sorted(
         int(np.prod(w.shape)) for w in model.backbone.weights + model.projector.weights)
     with pytest.raises(ValueError, match="--precision must be one of"):
         export_run(run_dir, name="digits_x", base_dir=str(tmp_path), precision="float16")
-
-
-def test_keras_still_saves_tracked_layers_twice(tmp_path):
-    """Fails once keras-team/keras#23553 is fixed: an ``ExportArchive`` that ``track``s a
-    layer saves each of its weights twice.  ``build_export_archive`` tracks nothing for that
-    reason; once this fails, tracking the layers again would cost nothing (and give the
-    revived export its ``variables``)."""
-    import keras
-
-    layer = keras.layers.Dense(3)
-    layer.build((None, 4))
-    archive = keras.export.ExportArchive()
-    archive.track(layer)
-    archive.add_endpoint("serve", lambda x: layer(x),
-                         input_signature=[tf.TensorSpec([None, 4], tf.float32)])
-    archive.write_out(str(tmp_path / "tracked"), verbose=False)
-    assert sum(_saved_sizes(str(tmp_path / "tracked"))) == 2 * layer.count_params(), (
-        "keras-team/keras#23553 looks fixed: see build_export_archive")
 
 
 def test_a_model_that_cannot_be_folded_is_rebuilt_in_bfloat16_unfolded(monkeypatch):
