@@ -26,6 +26,23 @@ def serve_in_a_clean_process(model_dir, pngs, workdir):
     return {name: np.load(workdir / f"{name}.npy") for name in ("embedding", "projection")}
 
 
+def saved_variable_shapes(export_path):
+    """The shapes of the variables a SavedModel's checkpoint holds (read from the files: a
+    revived export built without tracked layers lists no ``variables``)."""
+    import os
+
+    import tensorflow as tf
+
+    return [shape for name, shape in tf.train.list_variables(
+        os.path.join(str(export_path), "variables", "variables"))
+        if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+
+
+def saved_variable_sizes(export_path):
+    """The element counts of ``saved_variable_shapes``, sorted."""
+    return sorted(int(np.prod(shape)) for shape in saved_variable_shapes(export_path))
+
+
 PASS_THROUGH_OPS = ("Identity", "Reshape", "Squeeze", "Cast")
 
 

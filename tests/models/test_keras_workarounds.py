@@ -6,18 +6,14 @@ import numpy as np
 import tensorflow as tf
 
 from models.keras_workarounds import untracked_export_archive
-
-
-def _saved_sizes(path):
-    return sorted(int(np.prod(shape)) for name, shape in tf.train.list_variables(
-        str(path / "variables" / "variables")) if name != "_CHECKPOINTABLE_OBJECT_GRAPH")
+from tests.serving import saved_variable_sizes
 
 
 def _export(archive, layer, path):
     archive.add_endpoint("serve", lambda x: layer(x),
                          input_signature=[tf.TensorSpec([None, 4], tf.float32)])
     archive.write_out(str(path), verbose=False)
-    return _saved_sizes(path)
+    return saved_variable_sizes(path)
 
 
 def test_the_untracked_archive_saves_each_weight_once_and_serves(tmp_path):

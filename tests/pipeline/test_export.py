@@ -11,7 +11,12 @@ import tensorflow as tf
 
 from pipeline.export import export_run
 from pipeline.run_dir import load_trained_model
-from tests.serving import serve_in_a_clean_process, weight_sources
+from tests.serving import (
+    saved_variable_shapes,
+    saved_variable_sizes,
+    serve_in_a_clean_process,
+    weight_sources,
+)
 
 
 def _png_batch(digits16, count=5):
@@ -20,17 +25,6 @@ def _png_batch(digits16, count=5):
     images = np.stack([image for image, _ in read_split(digits16, "test").take(count)
                        .as_numpy_iterator()])
     return images, [tf.io.encode_png(image).numpy() for image in images]
-
-
-def _saved_shapes(export_path):
-    """The shapes of the variables an export's checkpoint holds."""
-    return [shape for name, shape in tf.train.list_variables(
-        os.path.join(export_path, "variables", "variables"))
-        if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
-
-
-def _saved_sizes(export_path):
-    return sorted(int(np.prod(shape)) for shape in _saved_shapes(export_path))
 
 
 def _expected(run_dir, images):
@@ -227,12 +221,12 @@ def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings
     assert [op for op in {node.op for node in nodes} if op_def_registry.get(op) is None] == []
     # the kernels are stored once, as those constants: the saved variables are the biases
     # alone (1-d), not the kernels a second time (a tracked layer would save them too)
-    saved = _saved_shapes(path)
+    saved = saved_variable_shapes(path)
     assert saved and all(len(shape) == 1 for shape in saved), saved
     # and the float32 export saves each weight once (a tracked layer would save two,
     # models.keras_workarounds.untracked_export_archive)
     model, _, _ = load_trained_model(run_dir, "last")
-    assert _saved_sizes(float32_path) == sorted(
+    assert saved_variable_sizes(float32_path) == sorted(
         int(np.prod(w.shape)) for w in model.backbone.weights + model.projector.weights)
     with pytest.raises(ValueError, match="--precision must be one of"):
         export_run(run_dir, name="digits_x", base_dir=str(tmp_path), precision="float16")
