@@ -1,6 +1,7 @@
 """Serving a SavedModel as TF Serving would: in a fresh process that imports none of the
 project, through its ``serving_default`` signature."""
 
+import os
 import subprocess
 import sys
 
@@ -29,8 +30,6 @@ def serve_in_a_clean_process(model_dir, pngs, workdir):
 def saved_variable_shapes(export_path):
     """The shapes of the variables a SavedModel's checkpoint holds (read from the files: a
     revived export built without tracked layers lists no ``variables``)."""
-    import os
-
     import tensorflow as tf
 
     return [shape for name, shape in tf.train.list_variables(
@@ -41,6 +40,11 @@ def saved_variable_shapes(export_path):
 def saved_variable_sizes(export_path):
     """The element counts of ``saved_variable_shapes``, sorted."""
     return sorted(int(np.prod(shape)) for shape in saved_variable_shapes(export_path))
+
+
+def weight_sizes(*layers):
+    """The element counts of ``layers``' weights, sorted: what an export of them should save."""
+    return sorted(int(np.prod(weight.shape)) for layer in layers for weight in layer.weights)
 
 
 PASS_THROUGH_OPS = ("Identity", "Reshape", "Squeeze", "Cast")

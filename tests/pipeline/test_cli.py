@@ -127,7 +127,7 @@ def test_byol_framework_through_demo_train_evaluate_and_export(tmp_path, capsys,
     import tensorflow as tf
 
     from pipeline.run_dir import load_trained_model
-    from tests.serving import saved_variable_sizes
+    from tests.serving import saved_variable_sizes, weight_sizes
 
     workdir, exports = tmp_path / "demo", tmp_path / "exports"
     byol = ["--set", "ascl.framework=byol", "--set", "train.knn_every=1"]
@@ -155,8 +155,7 @@ def test_byol_framework_through_demo_train_evaluate_and_export(tmp_path, capsys,
     assert type(model).__name__ == "BYOLModel"
     served = tf.saved_model.load(str(exports / "byol" / "1"))
     exported = saved_variable_sizes(exports / "byol" / "1")
-    online = sorted(int(np.prod(w.shape)) for w in model.backbone.weights + model.projector.weights)
-    assert exported == online  # no predictor, no target branch
+    assert exported == weight_sizes(model.backbone, model.projector)  # no predictor or target
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     out = served.signatures["embed_pixels"](images=tf.constant(images))["projection"].numpy()
     stats = manifest["train_statistics"]

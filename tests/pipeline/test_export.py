@@ -15,6 +15,7 @@ from tests.serving import (
     saved_variable_shapes,
     saved_variable_sizes,
     serve_in_a_clean_process,
+    weight_sizes,
     weight_sources,
 )
 
@@ -124,6 +125,14 @@ def test_off_size_images_get_the_same_pixels_in_preparation_and_serving(exported
     assert np.abs(squeezed - prepared.astype(int)).mean() > 5
 
 
+def test_the_export_saves_each_weight_once(exported):
+    """The backbone's and projector's weights, each once: a tracked layer would save two
+    (``models.keras_workarounds.untracked_export_archive``)."""
+    run_dir, _, path = exported
+    model, _, _ = load_trained_model(run_dir, "last")
+    assert saved_variable_sizes(path) == weight_sizes(model.backbone, model.projector)
+
+
 def test_saved_model_cli_lists_both_signatures(exported):
     _, _, path = exported
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -223,11 +232,6 @@ def test_a_bfloat16_export_computes_in_bfloat16_and_keeps_the_float32_embeddings
     # alone (1-d), not the kernels a second time (a tracked layer would save them too)
     saved = saved_variable_shapes(path)
     assert saved and all(len(shape) == 1 for shape in saved), saved
-    # and the float32 export saves each weight once (a tracked layer would save two,
-    # models.keras_workarounds.untracked_export_archive)
-    model, _, _ = load_trained_model(run_dir, "last")
-    assert saved_variable_sizes(float32_path) == sorted(
-        int(np.prod(w.shape)) for w in model.backbone.weights + model.projector.weights)
     with pytest.raises(ValueError, match="--precision must be one of"):
         export_run(run_dir, name="digits_x", base_dir=str(tmp_path), precision="float16")
 
