@@ -13,7 +13,8 @@ and batch 256 (images/s,
 median of ``--repeats``).  The exports are timed alternately, in ``--rounds`` rounds
 of ``calls / rounds`` calls each, so a slow phase of a shared machine hits every
 export alike.  A call's latency includes decoding the PNGs in the graph and reading
-the result back (``.numpy()``), as a client of an in-process model sees it.
+the result back (``.numpy()``), as a client of an in-process model sees it.  Each export's
+size on disk is recorded too (``export_megabytes``: ``saved_model.pb`` and the variables).
 Ratios are of the same model's bfloat16 export to its float32 one.
 
 To see bfloat16 without the CPU's bfloat16 instructions (oneDNN then emulates it), run
@@ -45,7 +46,15 @@ def export(name, precision):
     projector = projection_head(backbone.feature_dim)
     backbone, projector = in_precision(backbone, projector, precision)
     path = write_export(backbone, projector, MANIFEST, tempfile.mkdtemp() + "/1")
-    return tf.saved_model.load(path).signatures["serving_default"]
+    return tf.saved_model.load(path).signatures["serving_default"], _megabytes(path)
+
+
+def _megabytes(path):
+    """The SavedModel's size on disk (``saved_model.pb`` + ``variables/``), in MB."""
+    files = [os.path.join(path, "saved_model.pb")] + [
+        os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(path, "variables"))
+        for name in names]
+    return round(sum(os.path.getsize(name) for name in files) / 1e6, 1)
 
 
 def main():
@@ -63,7 +72,8 @@ def main():
     requests = {size: tf.constant(pngs[:size]) for size in (1, 32, 256)}
     names = [(model, precision) for model in args.models.split(",")
              for precision in args.precisions.split(",")]
-    serves = {name: export(*name) for name in names}
+    exports = {name: export(*name) for name in names}
+    serves = {name: serve for name, (serve, _) in exports.items()}
     latencies = {name: {1: [], 32: []} for name in names}
     rates = {name: [] for name in names}
     for serve in serves.values():  # warm up every export before any timing
@@ -98,6 +108,7 @@ def main():
                             latencies[name][size], 99)), 2),
                         f"batch{size}_images_per_s_at_p50": round(1000 * size / p50, 1)})
         row["batch256_images_per_s"] = round(statistics.median(rates[name]), 1)
+        row["export_megabytes"] = exports[name][1]
         results["exports"]["/".join(name)] = row
         print("/".join(name), row, flush=True)
     for model in args.models.split(","):
