@@ -10,6 +10,7 @@ have been checked.
 import dataclasses
 import datetime
 import os
+import re
 import typing
 
 import keras
@@ -199,6 +200,25 @@ def _jit(setting):
     return {"auto": "auto", "on": True, "off": False}[setting]
 
 
+def lost_worker_message(error, run):
+    """What a surviving worker says when TensorFlow gives up on a peer (a broken connection
+    at once, or its health check after missed heartbeats, fails the next collective): which
+    task stopped when TensorFlow names it, what the run keeps, and how to resume."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message)
+    lost = re.findall(r"(?:unhealthy[^/]*|remote target )(/job:\w+/replica:\d+/task:\d+)", text)
+    # a graph's error opens with "Graph execution error:" and the Python frames of the op
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line[:1].isspace()
+             and not line.startswith(("Graph execution error", "Detected at node"))]
+    reason = lines[0][:300].rstrip(" :") if lines else type(error).__name__
+    _, epochs_done = run.readable_backup()
+    kept = (f"the chief's last backup, after epoch {epochs_done}," if epochs_done
+            else "no backup yet (it restarts from epoch 1)")
+    return (f"a worker of the cluster stopped ({', '.join(sorted(set(lost))) or 'a peer'}); "
+            f"TensorFlow said: {reason}. The run keeps {kept} in {run.path}: start every worker "
+            f"again with the same command to resume")
+
+
 def is_chief(strategy):
     """Whether this process writes the run's files: TF's own answer (``should_checkpoint``),
     true for every single-process strategy and for the chief of a multi-worker cluster."""
@@ -245,6 +265,10 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
                     if isinstance(callback, keras.callbacks.TensorBoard):
                         callback.on_train_end()
                 raise TrainingError(str(error)) from None
+            except (tf.errors.UnavailableError, tf.errors.AbortedError) as error:
+                if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                    raise
+                raise TrainingError(lost_worker_message(error, run)) from None
             model.save_weights(run.checkpoint_to_write("last"))
             return _summary(config, run_plan, run, strategy, chief)
     finally:

@@ -10,6 +10,7 @@ import time
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import yaml
 
 from pipeline.config import ConfigError
@@ -454,3 +455,33 @@ def test_byol_options_reach_the_model_and_the_cosine_schedule_spans_the_run(digi
     steps = int(model.optimizer.iterations.numpy())
     assert steps > 2 and model.momentum_steps == steps  # the schedule spans the whole run
     assert float(ema_momentum(model.momentum, steps - 1, model.momentum_steps, "cosine")) > 0.9999
+
+
+def test_a_lost_worker_message_names_the_task_the_backup_and_how_to_resume(tmp_path):
+    from pipeline.run_dir import RunDir
+    from pipeline.train import lost_worker_message
+
+    error = tf.errors.UnavailableError(None, None, (
+        "{{function_node __wrapped__CollectiveReduceV2_device_/job:worker/replica:0/task:0/"
+        "device:CPU:0}} Collective ops is aborted by: Error reported from /job:worker/task:1: "
+        "The following tasks are unhealthy (stopped sending heartbeats):\n"
+        "/job:worker/replica:0/task:1\nThe tasks have crashed."))
+    message = lost_worker_message(error, RunDir(str(tmp_path)))
+    assert message.startswith("a worker of the cluster stopped (/job:worker/replica:0/task:1);")
+    assert "task:0" not in message  # the survivor's own device is not the lost one
+    assert "function_node" not in message
+    assert "no backup yet (it restarts from epoch 1)" in message
+    assert message.endswith("start every worker again with the same command to resume")
+    broken = tf.errors.UnavailableError(None, None, (
+        "Graph execution error:\n\nDetected at node CollectiveReduceV2 defined at (most recent "
+        "call last):\n  File \"train.py\", line 1, in <module>\n\nSocket closed\n"
+        "Additional GRPC error information from remote target /job:worker/replica:0/task:1 "
+        "while calling /tensorflow.WorkerService/RecvBuf:\n:UNKNOWN:Error received from peer "
+        "{grpc_message:\"Socket closed\", grpc_status:14}\n\t [[{{node CollectiveReduceV2}}]]"))
+    assert lost_worker_message(broken, RunDir(str(tmp_path))).startswith(
+        "a worker of the cluster stopped (/job:worker/replica:0/task:1); TensorFlow said: "
+        "Socket closed.")
+    bare = lost_worker_message(tf.errors.UnavailableError(None, None, "Socket closed"),
+                               RunDir(str(tmp_path)))
+    assert bare.startswith("a worker of the cluster stopped (a peer); TensorFlow said: "
+                           "Socket closed.")
