@@ -32,6 +32,10 @@ Parts, in priority order (issue 10):
   held out (``val_knn_top1``); the test curve is logged beside it, as everywhere.  Its
   plot's lower panel is the collapse monitor (``projection_spread``: ~1 spread out, 0
   collapsed) instead of purity.
+* ``e``: after issue 22, a diagnosis of the BYOL form's soft labels (not a default): with
+  the project recipe on part d's holdout, ``ascl_byol`` with today's K=5 and with K=1
+  (about a fifth of the neighbour mass), seed 0, against part d's ``byol_bn_lr_x8`` (plain
+  BYOL, the same recipe and holdout).
 
 Every arm shares every setting but the ones it names.  kNN top-1 (k=200, t=0.1) on the
 10,000 test images after every epoch is a curve, never used to choose anything: each run
@@ -78,6 +82,10 @@ ARMS = {
            # the learning rate was still rising at x4: one step further, with BN
            "byol_bn_lr_x8": ["model.projector_norm=batch", "optimizer.lr=0.24"],
            "byol_bn_lr_x16": ["model.projector_norm=batch", "optimizer.lr=0.48"]}.items()},
+    # part e, after issue 22 (a diagnosis, not a default): the BYOL form's soft labels with
+    # less neighbour mass (K=1) beside today's K=5, both on the project recipe, on validation
+    "ascl_byol_k5": ["ascl.framework=byol", "ascl.mode=ascl"],
+    "ascl_byol_k1": ["ascl.framework=byol", "ascl.mode=ascl", "ascl.num_neighbors=1"],
 }
 PARTS = {
     "a": {"epochs": 20, "runs": [("moco", 0), ("ascl", 0), ("moco", 1), ("ascl", 1),
@@ -95,6 +103,10 @@ PARTS = {
                                  ("byol_lr_x4", 0), ("byol_symmetric", 0), ("byol_lr_x2", 0),
                                  ("byol_cosine_ema", 0), ("byol_bn_lr_x4", 0),
                                  ("byol_bn_lr_x8", 0), ("byol_bn_lr_x16", 0)],
+          "validation_size": 5000},
+    # part e: does the BYOL form lose to plain BYOL through how much of each target row goes
+    # to other images? Plain BYOL on this holdout and recipe is part d's byol_bn_lr_x8.
+    "e": {"epochs": 20, "runs": [("ascl_byol_k5", 0), ("ascl_byol_k1", 0)],
           "validation_size": 5000},
 }
 CONFIG = "configs/cifar10_small_cpu.yaml"
@@ -218,7 +230,8 @@ def seconds_per_run(results):
 
 
 PART_TITLES = {"a": "small CNN, 20 epochs", "b": "small CNN, 60 epochs",
-               "c": "ResNet-20, 20 epochs", "d": "BYOL diagnosis, small CNN, 20 epochs"}
+               "c": "ResNet-20, 20 epochs", "d": "BYOL diagnosis, small CNN, 20 epochs",
+               "e": "BYOL form's neighbour mass, small CNN, 20 epochs"}
 SPREAD_PARTS = ("d",)  # parts whose lower panel is the collapse monitor
 
 
@@ -345,7 +358,7 @@ def markdown_table(summary, epochs=(1, 5, 10, 20)):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=".data/cifar10-prepared")
-    parser.add_argument("--parts", default="a", help="comma-separated parts to run: a, b, c")
+    parser.add_argument("--parts", default="a", help="comma-separated parts to run: a, b, c, d, e")
     parser.add_argument("--runs", default="runs/cifar10_quality")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--max-runs", type=int, default=0,
