@@ -200,23 +200,40 @@ def _jit(setting):
     return {"auto": "auto", "on": True, "off": False}[setting]
 
 
+# What a collective raises when a peer is gone or restarted: the classes TensorFlow's own
+# multi-worker health check treats as a peer's failure.
+PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                 tf.errors.DeadlineExceededError, tf.errors.FailedPreconditionError)
+
+_TASK = r"/job:\w+/replica:\d+/task:\d+"
+
+
 def lost_worker_message(error, run):
-    """What a surviving worker says when TensorFlow gives up on a peer (a broken connection
-    at once, or its health check after missed heartbeats, fails the next collective): which
-    task stopped when TensorFlow names it, what the run keeps, and how to resume."""
+    """What a surviving worker says when a collective fails because a peer is gone (a broken
+    connection at once, or TensorFlow's health check after missed heartbeats): which task
+    stopped when TensorFlow names it, what the run keeps, and how to resume."""
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message)
-    lost = re.findall(r"(?:unhealthy[^/]*|remote target )(/job:\w+/replica:\d+/task:\d+)", text)
+    # the heartbeat check lists every lost task, one per line, after "unhealthy"; a broken
+    # connection names the peer it was reading from ("remote target ...")
+    _, found, after = text.partition("unhealthy")
+    lost = (re.findall(rf"^\s*({_TASK})\s*$", after, flags=re.MULTILINE) if found
+            else re.findall(rf"remote target ({_TASK})", text))
     # a graph's error opens with "Graph execution error:" and the Python frames of the op
     lines = [line.strip() for line in text.splitlines()
              if line.strip() and not line[:1].isspace()
-             and not line.startswith(("Graph execution error", "Detected at node"))]
+             and not re.match(r"Graph execution error|Detected at node|\d+ root error", line)]
     reason = lines[0][:300].rstrip(" :") if lines else type(error).__name__
-    _, epochs_done = run.readable_backup()
-    kept = (f"the chief's last backup, after epoch {epochs_done}," if epochs_done
-            else "no backup yet (it restarts from epoch 1)")
-    return (f"a worker of the cluster stopped ({', '.join(sorted(set(lost))) or 'a peer'}); "
-            f"TensorFlow said: {reason}. The run keeps {kept} in {run.path}: start every worker "
-            f"again with the same command to resume")
+    try:
+        _, epochs_done = run.readable_backup()
+        kept = (f"keeps the chief's last backup, after epoch {epochs_done}," if epochs_done
+                else "has no backup yet (it restarts from epoch 1)")
+    except (OSError, tf.errors.OpError) as unreadable:  # shared storage lost with the peer
+        kept = f"has a backup that cannot be read now ({unreadable})"
+    what = (f"a worker of the cluster stopped ({', '.join(sorted(set(lost)))})" if lost else
+            "a collective operation failed, most likely because a worker of the cluster "
+            "stopped or restarted")
+    return (f"{what}; TensorFlow said: {reason}. The run {kept} in {run.path}: start every "
+            f"worker again with the same command to resume")
 
 
 def is_chief(strategy):
@@ -260,14 +277,12 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
                           shuffle=False,  # tf.data already shuffles; silences Keras's warning
                           verbose=config.train.verbose)
             except run_callbacks.Diverged as error:
-                # fit ended on the spot: flush what TensorBoard has of the epochs before
-                for callback in callbacks:
-                    if isinstance(callback, keras.callbacks.TensorBoard):
-                        callback.on_train_end()
+                _flush_tensorboard(callbacks)
                 raise TrainingError(str(error)) from None
-            except (tf.errors.UnavailableError, tf.errors.AbortedError) as error:
+            except PEER_FAILURES as error:
                 if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
                     raise
+                _flush_tensorboard(callbacks)
                 raise TrainingError(lost_worker_message(error, run)) from None
             model.save_weights(run.checkpoint_to_write("last"))
             return _summary(config, run_plan, run, strategy, chief)
@@ -275,6 +290,14 @@ def train(config, run_dir, *, strategy=None, extra_callbacks=(), allow_config_ch
         # train.mixed_precision is this run's setting, not the process's: evaluation and
         # anything else built afterwards in the same process (`ascl demo`) get the caller's.
         keras.mixed_precision.set_global_policy(policy)
+
+
+def _flush_tensorboard(callbacks):
+    """When ``fit`` ends on an error: writes out what TensorBoard holds of the epochs before,
+    so that it shows what ``history.json`` records."""
+    for callback in callbacks:
+        if isinstance(callback, keras.callbacks.TensorBoard):
+            callback.on_train_end()
 
 
 def _input_fn(config, run_plan, done_epochs):

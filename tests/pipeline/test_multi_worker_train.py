@@ -4,8 +4,12 @@ saying how to resume, and the restarted cluster resumes to the end."""
 
 import json
 import os
+import subprocess
 import time
 
+import pytest
+
+from pipeline.run_dir import RunDir
 from tests import cluster
 from tests.small_runs import SMALL
 
@@ -52,13 +56,19 @@ def test_cluster_trains_writes_on_the_chief_only_and_resumes_after_a_kill(digits
         # The chief's next collective fails once TensorFlow gives up on its peer (a broken
         # connection at once, or missed heartbeats within seconds): it stops with a one-line
         # error saying how to resume, and writes no summary.
-        [code] = cluster.wait_all(workers[:1], timeout=120)
+        try:
+            [code] = cluster.wait_all(workers[:1], timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the chief went on without its peer:\n"
+                        + (tmp_path / "worker0.log").read_text()[-3000:])
     log = (tmp_path / "worker0.log").read_text()
     assert code == 1, log[-3000:]
-    assert "ascl train: error: a worker of the cluster stopped" in log, log[-3000:]
-    assert "The run keeps the chief's last backup, after epoch" in log
-    assert "start every worker again with the same command" in log
-    assert "Traceback" not in log
+    _, backed_up = RunDir(run_dir).readable_backup()
+    assert ("ascl train: error: a worker of the cluster stopped (/job:worker/replica:0/task:1)"
+            in log), log[-3000:]
+    assert (f"The run keeps the chief's last backup, after epoch {backed_up}, in {run_dir}: "
+            "start every worker again with the same command to resume") in log, log[-3000:]
+    assert "Traceback (most recent call last)" not in log
     done_before = _epochs_done(run_dir)
     assert 2 <= done_before < EPOCHS, "the cluster must be killed mid-run"
     assert not os.path.exists(os.path.join(run_dir, "summary.json"))

@@ -457,31 +457,50 @@ def test_byol_options_reach_the_model_and_the_cosine_schedule_spans_the_run(digi
     assert float(ema_momentum(model.momentum, steps - 1, model.momentum_steps, "cosine")) > 0.9999
 
 
-def test_a_lost_worker_message_names_the_task_the_backup_and_how_to_resume(tmp_path):
+def test_a_lost_worker_message_names_the_task_the_backup_and_how_to_resume(tmp_path,
+                                                                          monkeypatch):
     from pipeline.run_dir import RunDir
     from pipeline.train import lost_worker_message
 
-    error = tf.errors.UnavailableError(None, None, (
+    def message(text, run=None):
+        return lost_worker_message(tf.errors.UnavailableError(None, None, text),
+                                   run or RunDir(str(tmp_path)))
+
+    heartbeats = message(
         "{{function_node __wrapped__CollectiveReduceV2_device_/job:worker/replica:0/task:0/"
         "device:CPU:0}} Collective ops is aborted by: Error reported from /job:worker/task:1: "
         "The following tasks are unhealthy (stopped sending heartbeats):\n"
-        "/job:worker/replica:0/task:1\nThe tasks have crashed."))
-    message = lost_worker_message(error, RunDir(str(tmp_path)))
-    assert message.startswith("a worker of the cluster stopped (/job:worker/replica:0/task:1);")
-    assert "task:0" not in message  # the survivor's own device is not the lost one
-    assert "function_node" not in message
-    assert "no backup yet (it restarts from epoch 1)" in message
-    assert message.endswith("start every worker again with the same command to resume")
-    broken = tf.errors.UnavailableError(None, None, (
+        "/job:worker/replica:0/task:1\n/job:worker/replica:0/task:2\n"
+        "The tasks have crashed.")
+    assert heartbeats.startswith("a worker of the cluster stopped (/job:worker/replica:0/task:1,"
+                                 " /job:worker/replica:0/task:2); TensorFlow said: Collective")
+    assert "task:0" not in heartbeats  # the survivor's own device is not a lost one
+    assert "function_node" not in heartbeats
+    assert "The run has no backup yet (it restarts from epoch 1)" in heartbeats
+    assert heartbeats.endswith("start every worker again with the same command to resume")
+
+    broken = message(
         "Graph execution error:\n\nDetected at node CollectiveReduceV2 defined at (most recent "
         "call last):\n  File \"train.py\", line 1, in <module>\n\nSocket closed\n"
         "Additional GRPC error information from remote target /job:worker/replica:0/task:1 "
         "while calling /tensorflow.WorkerService/RecvBuf:\n:UNKNOWN:Error received from peer "
-        "{grpc_message:\"Socket closed\", grpc_status:14}\n\t [[{{node CollectiveReduceV2}}]]"))
-    assert lost_worker_message(broken, RunDir(str(tmp_path))).startswith(
-        "a worker of the cluster stopped (/job:worker/replica:0/task:1); TensorFlow said: "
-        "Socket closed.")
-    bare = lost_worker_message(tf.errors.UnavailableError(None, None, "Socket closed"),
-                               RunDir(str(tmp_path)))
-    assert bare.startswith("a worker of the cluster stopped (a peer); TensorFlow said: "
-                           "Socket closed.")
+        "{grpc_message:\"Socket closed\", grpc_status:14}\n\t [[{{node CollectiveReduceV2}}]]")
+    assert broken.startswith("a worker of the cluster stopped (/job:worker/replica:0/task:1); "
+                             "TensorFlow said: Socket closed.")
+
+    # no task named: the message does not claim more than it knows
+    assert message("Socket closed").startswith(
+        "a collective operation failed, most likely because a worker of the cluster stopped or "
+        "restarted; TensorFlow said: Socket closed.")
+
+    run = RunDir(str(tmp_path))
+    run.write_backup(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]), 3)
+    assert f"The run keeps the chief's last backup, after epoch 3, in {tmp_path}:" in message(
+        "Socket closed", run)
+
+    def unreadable():
+        raise OSError("Stale file handle")
+
+    monkeypatch.setattr(run, "readable_backup", unreadable)
+    assert "The run has a backup that cannot be read now (Stale file handle)" in message(
+        "Socket closed", run)
