@@ -1,5 +1,5 @@
 """``ascl train --strategy multi_worker`` on two real worker processes sharing one run
-directory: it trains, only the chief writes, a worker's death stops the other with an error
+directory: it trains, only the chief writes, either worker's death stops the other with an error
 saying how to resume, and the restarted cluster resumes to the end."""
 
 import json
@@ -99,6 +99,31 @@ def test_cluster_trains_writes_on_the_chief_only_and_resumes_after_a_kill(digits
         "epoch_0012.weights.h5", "last.weights.h5"]
     assert len(seen) == 1, "the other worker wrote into a temporary folder while it ran"
     assert list(temp[1].glob("ascl-worker-*")) == [], "and removed it when it finished"
+
+
+def test_the_chiefs_death_stops_the_other_worker_with_the_same_error(digits16, tmp_path):
+    """The survivor of a lost chief is a worker that writes nothing: it still says which task
+    stopped and where the chief's backup is, instead of blocking or printing a traceback."""
+    run_dir = str(tmp_path / "run")
+    with cluster.cluster(lambda index: _command(digits16, run_dir),
+                         log_dir=str(tmp_path)) as workers:
+        deadline = time.time() + 120
+        while time.time() < deadline and _epochs_done(run_dir) < 2:
+            assert all(w.poll() is None for w in workers), (
+                tmp_path / "worker1.log").read_text()[-3000:]
+            time.sleep(0.1)
+        cluster.kill(workers[0])
+        try:
+            [code] = cluster.wait_all(workers[1:], timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the worker went on without its chief:\n"
+                        + (tmp_path / "worker1.log").read_text()[-3000:])
+    log = (tmp_path / "worker1.log").read_text()
+    assert code == 1, log[-3000:]
+    assert ("ascl train: error: a worker of the cluster stopped (/job:worker/replica:0/task:0)"
+            in log), log[-3000:]
+    assert f"in {run_dir}: start every worker again with the same command to resume" in log
+    assert "Traceback (most recent call last)" not in log
 
 
 def test_importing_the_package_leaves_tensorflow_uninitialised():
