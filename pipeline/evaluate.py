@@ -48,22 +48,28 @@ def pixel_encoder(image_shape):
                             name="raw_pixels")
 
 
+@tf.function(reduce_retracing=True)
+def _class_scores(batch, bank, bank_labels, k, temperature, num_classes):
+    """One chunk's kNN class scores. Defined once, with the bank an argument rather than a
+    captured constant: the monitor calls kNN every epoch with a new bank, and a function
+    built per call traced (and embedded the bank in) a new graph each time, which TF warned
+    about as retracing."""
+    similarity = tf.matmul(batch, bank, transpose_b=True)
+    top_similarity, top_index = tf.math.top_k(similarity, k=k)
+    votes = tf.one_hot(tf.gather(bank_labels, top_index), num_classes)
+    return tf.reduce_sum(votes * tf.exp(top_similarity / temperature)[..., None], axis=1)
+
+
 def knn_scores(train_features, train_labels, features, *, k=200, temperature=0.1, num_classes,
                chunk=1024):
     """Class scores ``[N, C]``: sum over the top-k neighbours of ``exp(sim / t)`` per class."""
     bank = tf.constant(train_features, tf.float32)
     bank_labels = tf.constant(train_labels, tf.int64)
     k = min(k, bank.shape[0])
-
-    @tf.function
-    def score(batch):
-        similarity = tf.matmul(batch, bank, transpose_b=True)
-        top_similarity, top_index = tf.math.top_k(similarity, k=k)
-        votes = tf.one_hot(tf.gather(bank_labels, top_index), num_classes)
-        return tf.reduce_sum(votes * tf.exp(top_similarity / temperature)[..., None], axis=1)
-
-    return np.concatenate([score(tf.constant(features[i:i + chunk], tf.float32)).numpy()
-                           for i in range(0, len(features), chunk)])
+    return np.concatenate([
+        _class_scores(tf.constant(features[i:i + chunk], tf.float32), bank, bank_labels,
+                      k, float(temperature), int(num_classes)).numpy()
+        for i in range(0, len(features), chunk)])
 
 
 def topk_accuracy(scores, labels, ks=(1, 5)):

@@ -31,6 +31,24 @@ def test_weighted_knn_matches_brute_force():
                                rtol=1e-4)
 
 
+def test_knn_every_epoch_reuses_one_traced_graph():
+    """The monitor scores a new bank every epoch, with a shorter last chunk: after the first
+    calls the traced graph is reused, so TensorFlow neither retraces nor warns about it."""
+    rng = np.random.default_rng(0)
+
+    def one_epoch(bank_size):
+        bank, queries = _unit(rng.normal(size=(bank_size, 8))), _unit(rng.normal(size=(50, 8)))
+        evaluate.knn_scores(bank, rng.integers(0, 5, bank_size), queries, k=20,
+                            temperature=0.1, num_classes=5, chunk=16)
+
+    one_epoch(300)
+    one_epoch(310)
+    traced = evaluate._class_scores.experimental_get_tracing_count()
+    for bank_size in (300, 320, 290):
+        one_epoch(bank_size)
+    assert evaluate._class_scores.experimental_get_tracing_count() == traced
+
+
 def test_topk_accuracy():
     scores = np.array([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]])
     assert evaluate.topk_accuracy(scores, np.array([1, 2, 0]), ks=(1, 2)) == {
