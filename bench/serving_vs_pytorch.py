@@ -1,0 +1,211 @@
+"""Benchmark: the bfloat16 export against PyTorch's bfloat16 on the same CPU, side by side.
+
+    python bench/serving_vs_pytorch.py --torch-python /path/to/venv-with-torch/bin/python \\
+        [--json bench/results/serving_vs_pytorch.json]
+
+Issue 24 set its batch-1 target (5 ms) from PyTorch eager with bfloat16 autocast on one host;
+absolute times move between hosts and sessions, so this measures the comparison itself:
+ResNet-18 (CIFAR stem, 512 -> 2048 -> 128 projector, freshly initialised; speed does not
+depend on the weights) exported as ``ascl export`` does in float32 and bfloat16, timed
+through ``embed_pixels`` (uint8 pixels in, no decoding) and ``serving_default`` (PNG bytes),
+and the same network in PyTorch eager (``inference_mode``; float32, and bfloat16 autocast
+with channels_last), uint8 in, normalised in the timed call, unit-norm embeddings out.
+
+PyTorch is not a dependency of this project: it runs in another interpreter
+(``--torch-python``, a virtual environment with ``torch`` and ``numpy``), as a worker that
+this process drives over a pipe. The two alternate in ``--rounds`` rounds of
+``calls / rounds`` calls per arm and batch size, so a slow phase of a shared machine hits
+both; each waits while the other runs. Batch 1 and 32: latency p50 / p99.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SIZES = (1, 32)
+
+
+# ---------------------------------------------------------------------------- PyTorch side
+def _torch_worker():
+    """Reads ``calls`` per line on stdin, answers one JSON line of latencies per arm."""
+    import torch
+    from torch import nn
+    from torch.nn import functional
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                           nn.BatchNorm2d(cout))
+                             if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x):
+            out = functional.relu(self.bn1(self.conv1(x)))
+            return functional.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+    def resnet18_cifar():
+        layers, cin = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+            cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                   nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 128)]
+        return nn.Sequential(*layers).eval()
+
+    torch.manual_seed(0)
+    model = resnet18_cifar()
+    model_cl = resnet18_cifar().to(memory_format=torch.channels_last)
+    mean = torch.tensor([125.3, 123.0, 113.9]).view(1, 3, 1, 1)
+    std = torch.tensor([63.0, 62.1, 66.7]).view(1, 3, 1, 1)
+    rng = np.random.default_rng(0)
+    images = {size: torch.from_numpy(rng.integers(0, 256, (size, 3, 32, 32), dtype=np.uint8))
+              for size in SIZES}
+
+    def float32(batch):
+        with torch.inference_mode():
+            return functional.normalize(model((batch.float() - mean) / std), dim=1).numpy()
+
+    def bfloat16(batch):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            x = ((batch.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+            return functional.normalize(model_cl(x).float(), dim=1).numpy()
+
+    arms = {"pytorch/float32": float32, "pytorch/bfloat16": bfloat16}
+    for arm in arms.values():  # warm-up
+        for size in SIZES:
+            for _ in range(5):
+                arm(images[size])
+    print(json.dumps({"ready": torch.__version__, "threads": torch.get_num_threads()}),
+          flush=True)
+    for line in sys.stdin:
+        calls = int(line)
+        answer = {}
+        for name, arm in arms.items():
+            for size in SIZES:
+                times = []
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    arm(images[size])
+                    times.append(1000 * (time.perf_counter() - start))
+                answer[f"{name}/{size}"] = times
+        print(json.dumps(answer), flush=True)
+
+
+# ---------------------------------------------------------------------------- TF side
+def _tf_arms():
+    import keras
+    import tensorflow as tf
+
+    from models import build_backbone, projection_head
+    from pipeline.export import in_precision, write_export
+
+    manifest = {"image_shape": [32, 32, 3], "class_names": [str(i) for i in range(10)],
+                "train_statistics": {"mean": [125.3, 123.0, 113.9],
+                                     "std": [63.0, 62.1, 66.7]}}
+    rng = np.random.default_rng(0)
+    pixels = {size: tf.constant(rng.integers(0, 256, (size, 32, 32, 3), dtype=np.uint8))
+              for size in SIZES}
+    pngs = {size: tf.stack([tf.io.encode_png(image) for image in pixels[size]])
+            for size in SIZES}
+    arms = {}
+    import tempfile
+
+    for precision in ("float32", "bfloat16"):
+        keras.utils.set_random_seed(0)
+        backbone = build_backbone("resnet18", input_shape=(32, 32, 3), norm="split")
+        projector = projection_head(backbone.feature_dim)
+        backbone, projector = in_precision(backbone, projector, precision)
+        loaded = tf.saved_model.load(write_export(backbone, projector, manifest,
+                                                  tempfile.mkdtemp() + "/1"))
+        signatures = loaded.signatures
+        arms[f"tf_export/{precision}/embed_pixels"] = (
+            lambda size, s=signatures["embed_pixels"]: s(images=pixels[size])["embedding"].numpy())
+        if precision == "bfloat16":
+            arms["tf_export/bfloat16/serving_default"] = (
+                lambda size, s=signatures["serving_default"]:
+                s(image_bytes=pngs[size])["embedding"].numpy())
+        arms[f"_keep/{precision}"] = loaded  # keeps the loaded object alive
+    keep = {name: arm for name, arm in arms.items() if name.startswith("_keep")}
+    return {name: arm for name, arm in arms.items() if name not in keep}, keep
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--torch-python", required=True,
+                        help="an interpreter with torch and numpy installed")
+    parser.add_argument("--calls", type=int, default=300,
+                        help="calls per arm and batch size, over all rounds")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="alternations between TensorFlow and PyTorch")
+    parser.add_argument("--json", default=None, help="where to write the results")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return _torch_worker()
+    worker = subprocess.Popen([args.torch_python, os.path.abspath(__file__), "--worker",
+                               "--torch-python", "-"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(worker.stdout.readline())
+        arms, _keep = _tf_arms()
+        for arm in arms.values():  # warm-up
+            for size in SIZES:
+                for _ in range(5):
+                    arm(size)
+        per_round = max(1, args.calls // args.rounds)
+        times = {}
+        for _ in range(args.rounds):
+            for name, arm in arms.items():
+                for size in SIZES:
+                    for _ in range(per_round):
+                        start = time.perf_counter()
+                        arm(size)
+                        times.setdefault(f"{name}/{size}", []).append(
+                            1000 * (time.perf_counter() - start))
+            worker.stdin.write(f"{per_round}\n")
+            worker.stdin.flush()
+            for key, values in json.loads(worker.stdout.readline()).items():
+                times.setdefault(key, []).extend(values)
+    finally:
+        worker.stdin.close()
+        worker.wait()
+    from pipeline.precision import cpu_flags
+
+    results = {"command": "python bench/serving_vs_pytorch.py --torch-python PYTHON "
+                          f"--calls {args.calls} --rounds {args.rounds}",
+               "torch": ready, "cpu_flags": sorted(cpu_flags() & {
+                   "avx512_bf16", "amx_bf16", "amx_tile"}), "ms": {}}
+    for key, values in sorted(times.items()):
+        results["ms"][key] = {"p50": round(float(np.percentile(values, 50)), 2),
+                              "p99": round(float(np.percentile(values, 99)), 2)}
+    ms = results["ms"]
+    results["ratios_p50"] = {
+        f"batch{size}": {
+            "tf_bf16_embed_pixels_over_pytorch_bf16": round(
+                ms[f"tf_export/bfloat16/embed_pixels/{size}"]["p50"]
+                / ms[f"pytorch/bfloat16/{size}"]["p50"], 3),
+            "tf_bf16_serving_default_over_pytorch_bf16": round(
+                ms[f"tf_export/bfloat16/serving_default/{size}"]["p50"]
+                / ms[f"pytorch/bfloat16/{size}"]["p50"], 3),
+            "tf_f32_embed_pixels_over_pytorch_f32": round(
+                ms[f"tf_export/float32/embed_pixels/{size}"]["p50"]
+                / ms[f"pytorch/float32/{size}"]["p50"], 3)}
+        for size in SIZES}
+    print(json.dumps(results, indent=2))
+    if args.json:
+        from beam_jobs.atomic_json import write_json
+
+        write_json(args.json, results, indent=2)
+
+
+if __name__ == "__main__":
+    main()
