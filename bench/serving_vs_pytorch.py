@@ -1,4 +1,4 @@
-"""Benchmark: the bfloat16 export against PyTorch's bfloat16 on the same CPU, side by side.
+"""Benchmark: the bfloat16 export against PyTorch on the same CPU, side by side.
 
     python bench/serving_vs_pytorch.py --torch-python /path/to/venv-with-torch/bin/python \\
         [--json bench/results/serving_vs_pytorch.json]
@@ -8,8 +8,15 @@ absolute times move between hosts and sessions, so this measures the comparison 
 ResNet-18 (CIFAR stem, 512 -> 2048 -> 128 projector, freshly initialised; speed does not
 depend on the weights) exported as ``ascl export`` does in float32 and bfloat16, timed
 through ``embed_pixels`` (uint8 pixels in, no decoding) and ``serving_default`` (PNG bytes),
-and the same network in PyTorch eager (``inference_mode``; float32, and bfloat16 autocast
-with channels_last), uint8 in, normalised in the timed call, unit-norm embeddings out.
+and the same network in PyTorch, uint8 in, normalised in the timed call, the L2-normalised
+128-d projection out (the export returns it beside the 512-d features), in four forms:
+
+* ``eager_float32``: eager, ``inference_mode``, NCHW;
+* ``eager_bfloat16_autocast``: eager with ``torch.autocast`` and channels_last, the issue's
+  arm: autocast casts the float32 weights again on every call;
+* ``eager_bfloat16_weights``: eager, the model cast to bfloat16 once, channels_last;
+* ``frozen_bfloat16``: that model traced and ``torch.jit.freeze``-d (batch norm folded,
+  weights constant), the closest counterpart of the bfloat16 export.
 
 PyTorch is not a dependency of this project: it runs in another interpreter
 (``--torch-python``, a virtual environment with ``torch`` and ``numpy``), as a worker that
@@ -23,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -33,6 +41,8 @@ SIZES = (1, 32)
 # ---------------------------------------------------------------------------- PyTorch side
 def _torch_worker():
     """Reads ``calls`` per line on stdin, answers one JSON line of latencies per arm."""
+    import copy
+
     import torch
     from torch import nn
     from torch.nn import functional
@@ -63,28 +73,50 @@ def _torch_worker():
 
     torch.manual_seed(0)
     model = resnet18_cifar()
-    model_cl = resnet18_cifar().to(memory_format=torch.channels_last)
+    weights_bfloat16 = copy.deepcopy(model).to(torch.bfloat16, memory_format=torch.channels_last)
+    autocast_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     mean = torch.tensor([125.3, 123.0, 113.9]).view(1, 3, 1, 1)
     std = torch.tensor([63.0, 62.1, 66.7]).view(1, 3, 1, 1)
     rng = np.random.default_rng(0)
     images = {size: torch.from_numpy(rng.integers(0, 256, (size, 3, 32, 32), dtype=np.uint8))
               for size in SIZES}
 
-    def float32(batch):
+    def standardised(batch, dtype=torch.float32):
+        return ((batch.float() - mean) / std).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+
+    with torch.inference_mode():
+        frozen_bfloat16 = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(
+            weights_bfloat16, standardised(images[1], torch.bfloat16))))
+
+    def embed_eager_float32(batch):
         with torch.inference_mode():
             return functional.normalize(model((batch.float() - mean) / std), dim=1).numpy()
 
-    def bfloat16(batch):
+    def embed_eager_bfloat16_autocast(batch):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            x = ((batch.float() - mean) / std).contiguous(memory_format=torch.channels_last)
-            return functional.normalize(model_cl(x).float(), dim=1).numpy()
+            return functional.normalize(autocast_model(standardised(batch)).float(),
+                                        dim=1).numpy()
 
-    arms = {"pytorch/float32": float32, "pytorch/bfloat16": bfloat16}
-    for arm in arms.values():  # warm-up
+    def embed_eager_bfloat16_weights(batch):
+        with torch.inference_mode():
+            return functional.normalize(
+                weights_bfloat16(standardised(batch, torch.bfloat16)).float(), dim=1).numpy()
+
+    def embed_frozen_bfloat16(batch):
+        with torch.inference_mode():
+            return functional.normalize(
+                frozen_bfloat16(standardised(batch, torch.bfloat16)).float(), dim=1).numpy()
+
+    arms = {"pytorch/eager_float32": embed_eager_float32,
+            "pytorch/eager_bfloat16_autocast": embed_eager_bfloat16_autocast,
+            "pytorch/eager_bfloat16_weights": embed_eager_bfloat16_weights,
+            "pytorch/frozen_bfloat16": embed_frozen_bfloat16}
+    for arm in arms.values():  # warm-up (a frozen module optimises on its first calls)
         for size in SIZES:
             for _ in range(5):
                 arm(images[size])
-    print(json.dumps({"ready": torch.__version__, "threads": torch.get_num_threads()}),
+    print(json.dumps({"version": torch.__version__, "threads": torch.get_num_threads()}),
           flush=True)
     for line in sys.stdin:
         calls = int(line)
@@ -101,7 +133,8 @@ def _torch_worker():
 
 
 # ---------------------------------------------------------------------------- TF side
-def _tf_arms():
+def _tf_arms(folder):
+    """The exports' timed calls by name, and the loaded SavedModels they need kept alive."""
     import keras
     import tensorflow as tf
 
@@ -116,16 +149,15 @@ def _tf_arms():
               for size in SIZES}
     pngs = {size: tf.stack([tf.io.encode_png(image) for image in pixels[size]])
             for size in SIZES}
-    arms = {}
-    import tempfile
-
+    arms, loaded_exports = {}, []
     for precision in ("float32", "bfloat16"):
         keras.utils.set_random_seed(0)
         backbone = build_backbone("resnet18", input_shape=(32, 32, 3), norm="split")
         projector = projection_head(backbone.feature_dim)
         backbone, projector = in_precision(backbone, projector, precision)
         loaded = tf.saved_model.load(write_export(backbone, projector, manifest,
-                                                  tempfile.mkdtemp() + "/1"))
+                                                  os.path.join(folder, precision, "1")))
+        loaded_exports.append(loaded)
         signatures = loaded.signatures
         arms[f"tf_export/{precision}/embed_pixels"] = (
             lambda size, s=signatures["embed_pixels"]: s(images=pixels[size])["embedding"].numpy())
@@ -133,15 +165,13 @@ def _tf_arms():
             arms["tf_export/bfloat16/serving_default"] = (
                 lambda size, s=signatures["serving_default"]:
                 s(image_bytes=pngs[size])["embedding"].numpy())
-        arms[f"_keep/{precision}"] = loaded  # keeps the loaded object alive
-    keep = {name: arm for name, arm in arms.items() if name.startswith("_keep")}
-    return {name: arm for name, arm in arms.items() if name not in keep}, keep
+    return arms, loaded_exports
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--torch-python", required=True,
-                        help="an interpreter with torch and numpy installed")
+    parser.add_argument("--torch-python",
+                        help="an interpreter with torch and numpy installed (required)")
     parser.add_argument("--calls", type=int, default=300,
                         help="calls per arm and batch size, over all rounds")
     parser.add_argument("--rounds", type=int, default=6,
@@ -151,60 +181,74 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return _torch_worker()
-    worker = subprocess.Popen([args.torch_python, os.path.abspath(__file__), "--worker",
-                               "--torch-python", "-"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        ready = json.loads(worker.stdout.readline())
-        arms, _keep = _tf_arms()
-        for arm in arms.values():  # warm-up
-            for size in SIZES:
-                for _ in range(5):
-                    arm(size)
-        per_round = max(1, args.calls // args.rounds)
-        times = {}
-        for _ in range(args.rounds):
-            for name, arm in arms.items():
-                for size in SIZES:
-                    for _ in range(per_round):
-                        start = time.perf_counter()
-                        arm(size)
-                        times.setdefault(f"{name}/{size}", []).append(
-                            1000 * (time.perf_counter() - start))
-            worker.stdin.write(f"{per_round}\n")
-            worker.stdin.flush()
-            for key, values in json.loads(worker.stdout.readline()).items():
-                times.setdefault(key, []).extend(values)
-    finally:
-        worker.stdin.close()
-        worker.wait()
+    if not args.torch_python:
+        parser.error("--torch-python is required: an interpreter with torch and numpy")
+    per_round = max(1, args.calls // args.rounds)
+    worker = subprocess.Popen([args.torch_python, os.path.abspath(__file__), "--worker"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            torch_info = json.loads(worker.stdout.readline())
+            arms, _loaded_exports = _tf_arms(folder)
+            times = _alternate(arms, worker, per_round, args.rounds)
+        finally:
+            worker.stdin.close()
+            worker.wait()
+    import tensorflow as tf
+
     from pipeline.precision import cpu_flags
 
     results = {"command": "python bench/serving_vs_pytorch.py --torch-python PYTHON "
-                          f"--calls {args.calls} --rounds {args.rounds}",
-               "torch": ready, "cpu_flags": sorted(cpu_flags() & {
-                   "avx512_bf16", "amx_bf16", "amx_tile"}), "ms": {}}
+                          f"--calls {per_round * args.rounds} --rounds {args.rounds}",
+               "torch": torch_info, "tensorflow": tf.__version__,
+               "tf_threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                              "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
+               "cpu_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+               "ms": {}}
     for key, values in sorted(times.items()):
         results["ms"][key] = {"p50": round(float(np.percentile(values, 50)), 2),
                               "p99": round(float(np.percentile(values, 99)), 2)}
     ms = results["ms"]
     results["ratios_p50"] = {
         f"batch{size}": {
-            "tf_bf16_embed_pixels_over_pytorch_bf16": round(
-                ms[f"tf_export/bfloat16/embed_pixels/{size}"]["p50"]
-                / ms[f"pytorch/bfloat16/{size}"]["p50"], 3),
-            "tf_bf16_serving_default_over_pytorch_bf16": round(
-                ms[f"tf_export/bfloat16/serving_default/{size}"]["p50"]
-                / ms[f"pytorch/bfloat16/{size}"]["p50"], 3),
-            "tf_f32_embed_pixels_over_pytorch_f32": round(
-                ms[f"tf_export/float32/embed_pixels/{size}"]["p50"]
-                / ms[f"pytorch/float32/{size}"]["p50"], 3)}
+            f"{ours.replace('/', '_')}_over_{theirs}": round(
+                ms[f"tf_export/{ours}/{size}"]["p50"] / ms[f"pytorch/{theirs}/{size}"]["p50"], 3)
+            for ours, theirs in (
+                ("bfloat16/embed_pixels", "eager_bfloat16_autocast"),
+                ("bfloat16/embed_pixels", "eager_bfloat16_weights"),
+                ("bfloat16/embed_pixels", "frozen_bfloat16"),
+                ("bfloat16/serving_default", "eager_bfloat16_autocast"),
+                ("bfloat16/serving_default", "frozen_bfloat16"),
+                ("float32/embed_pixels", "eager_float32"))}
         for size in SIZES}
     print(json.dumps(results, indent=2))
     if args.json:
         from beam_jobs.atomic_json import write_json
 
         write_json(args.json, results, indent=2)
+
+
+def _alternate(arms, worker, per_round, rounds):
+    """Latencies (ms) by ``arm/batch size``: each round times every export here, then asks
+    the PyTorch worker for the same number of calls of each of its arms."""
+    for arm in arms.values():  # warm-up
+        for size in SIZES:
+            for _ in range(5):
+                arm(size)
+    times = {}
+    for _ in range(rounds):
+        for name, arm in arms.items():
+            for size in SIZES:
+                for _ in range(per_round):
+                    start = time.perf_counter()
+                    arm(size)
+                    times.setdefault(f"{name}/{size}", []).append(
+                        1000 * (time.perf_counter() - start))
+        worker.stdin.write(f"{per_round}\n")
+        worker.stdin.flush()
+        for key, values in json.loads(worker.stdout.readline()).items():
+            times.setdefault(key, []).extend(values)
+    return times
 
 
 if __name__ == "__main__":

@@ -50,10 +50,10 @@ def pixel_encoder(image_shape):
 
 @tf.function(reduce_retracing=True)
 def _class_scores(batch, bank, bank_labels, k, temperature, num_classes):
-    """One chunk's kNN class scores. Defined once, with the bank an argument rather than a
-    captured constant: the monitor calls kNN every epoch with a new bank, and a function
-    built per call traced (and embedded the bank in) a new graph each time, which TF warned
-    about as retracing."""
+    """One chunk's kNN class scores. Defined once, with the bank an argument: the monitor
+    calls kNN every epoch with a new bank, and a ``tf.function`` built inside each call (it
+    captured that call's bank) traced a new graph every time, which TF warned about as
+    retracing."""
     similarity = tf.matmul(batch, bank, transpose_b=True)
     top_similarity, top_index = tf.math.top_k(similarity, k=k)
     votes = tf.one_hot(tf.gather(bank_labels, top_index), num_classes)

@@ -109,21 +109,28 @@ def test_the_chiefs_death_stops_the_other_worker_with_the_same_error(digits16, t
                          log_dir=str(tmp_path)) as workers:
         deadline = time.time() + 120
         while time.time() < deadline and _epochs_done(run_dir) < 2:
-            assert all(w.poll() is None for w in workers), (
-                tmp_path / "worker1.log").read_text()[-3000:]
+            assert all(w.poll() is None for w in workers), _logs(tmp_path)
             time.sleep(0.1)
+        assert 2 <= _epochs_done(run_dir) < EPOCHS, "the chief must be killed mid-run"
         cluster.kill(workers[0])
         try:
             [code] = cluster.wait_all(workers[1:], timeout=120)
         except subprocess.TimeoutExpired:
-            pytest.fail("the worker went on without its chief:\n"
-                        + (tmp_path / "worker1.log").read_text()[-3000:])
+            pytest.fail("the worker went on without its chief:\n" + _logs(tmp_path))
     log = (tmp_path / "worker1.log").read_text()
     assert code == 1, log[-3000:]
+    # the chief is dead, so its backup is what it last wrote (atomically) before the kill
+    _, backed_up = RunDir(run_dir).readable_backup()
     assert ("ascl train: error: a worker of the cluster stopped (/job:worker/replica:0/task:0)"
             in log), log[-3000:]
-    assert f"in {run_dir}: start every worker again with the same command to resume" in log
+    assert (f"The run keeps the chief's last backup, after epoch {backed_up}, in {run_dir}: "
+            "start every worker again with the same command to resume") in log, log[-3000:]
     assert "Traceback (most recent call last)" not in log
+
+
+def _logs(tmp_path):
+    return "\n".join(f"worker{i}: " + (tmp_path / f"worker{i}.log").read_text()[-3000:]
+                      for i in range(2))
 
 
 def test_importing_the_package_leaves_tensorflow_uninitialised():
