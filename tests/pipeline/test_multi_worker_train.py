@@ -61,14 +61,8 @@ def test_cluster_trains_writes_on_the_chief_only_and_resumes_after_a_kill(digits
         except subprocess.TimeoutExpired:
             pytest.fail("the chief went on without its peer:\n"
                         + (tmp_path / "worker0.log").read_text()[-3000:])
-    log = (tmp_path / "worker0.log").read_text()
-    assert code == 1, log[-3000:]
-    _, backed_up = RunDir(run_dir).readable_backup()
-    assert ("ascl train: error: a worker of the cluster stopped (/job:worker/replica:0/task:1)"
-            in log), log[-3000:]
-    assert (f"The run keeps the chief's last backup, after epoch {backed_up}, in {run_dir}: "
-            "start every worker again with the same command to resume") in log, log[-3000:]
-    assert "Traceback (most recent call last)" not in log
+    _assert_stopped_with_the_lost_worker_error(code, tmp_path / "worker0.log", run_dir,
+                                               lost_task=1)
     done_before = _epochs_done(run_dir)
     assert 2 <= done_before < EPOCHS, "the cluster must be killed mid-run"
     assert not os.path.exists(os.path.join(run_dir, "summary.json"))
@@ -117,12 +111,19 @@ def test_the_chiefs_death_stops_the_other_worker_with_the_same_error(digits16, t
             [code] = cluster.wait_all(workers[1:], timeout=120)
         except subprocess.TimeoutExpired:
             pytest.fail("the worker went on without its chief:\n" + _logs(tmp_path))
-    log = (tmp_path / "worker1.log").read_text()
-    assert code == 1, log[-3000:]
     # the chief is dead, so its backup is what it last wrote (atomically) before the kill
+    _assert_stopped_with_the_lost_worker_error(code, tmp_path / "worker1.log", run_dir,
+                                               lost_task=0)
+
+
+def _assert_stopped_with_the_lost_worker_error(code, log_path, run_dir, lost_task):
+    """The survivor exited 1 with the one-line error: the lost task, the chief's backup epoch
+    as it is on disk now, how to resume, and no traceback."""
+    log = log_path.read_text()
+    assert code == 1, log[-3000:]
     _, backed_up = RunDir(run_dir).readable_backup()
-    assert ("ascl train: error: a worker of the cluster stopped (/job:worker/replica:0/task:0)"
-            in log), log[-3000:]
+    assert ("ascl train: error: a worker of the cluster stopped "
+            f"(/job:worker/replica:0/task:{lost_task})" in log), log[-3000:]
     assert (f"The run keeps the chief's last backup, after epoch {backed_up}, in {run_dir}: "
             "start every worker again with the same command to resume") in log, log[-3000:]
     assert "Traceback (most recent call last)" not in log
