@@ -40,13 +40,16 @@ MANIFEST = {"image_shape": [32, 32, 3], "class_names": [str(i) for i in range(10
             "train_statistics": {"mean": [125.3, 123.0, 113.9], "std": [63.0, 62.1, 66.7]}}
 
 
-def export(name, precision):
+def load_export(name, precision, folder):
+    """``(loaded SavedModel, megabytes on disk)`` of model ``name`` exported as ``ascl
+    export --precision precision`` does, under ``folder`` (also used by
+    ``serving_vs_pytorch.py``)."""
     keras.utils.set_random_seed(0)
     backbone = build_backbone(name, input_shape=(32, 32, 3), norm="split")
     projector = projection_head(backbone.feature_dim)
     backbone, projector = in_precision(backbone, projector, precision)
-    path = write_export(backbone, projector, MANIFEST, tempfile.mkdtemp() + "/1")
-    return tf.saved_model.load(path).signatures["serving_default"], _megabytes(path)
+    path = write_export(backbone, projector, MANIFEST, os.path.join(folder, name, precision, "1"))
+    return tf.saved_model.load(path), _megabytes(path)
 
 
 def _megabytes(path):
@@ -72,8 +75,10 @@ def main():
     requests = {size: tf.constant(pngs[:size]) for size in (1, 32, 256)}
     names = [(model, precision) for model in args.models.split(",")
              for precision in args.precisions.split(",")]
-    exports = {name: export(*name) for name in names}
-    serves = {name: serve for name, (serve, _) in exports.items()}
+    folder = tempfile.TemporaryDirectory()  # removed when the process ends
+    exports = {name: load_export(*name, folder.name) for name in names}
+    serves = {name: loaded.signatures["serving_default"]
+              for name, (loaded, _) in exports.items()}
     latencies = {name: {1: [], 32: []} for name in names}
     rates = {name: [] for name in names}
     for serve in serves.values():  # warm up every export before any timing

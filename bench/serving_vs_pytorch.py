@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # serving_latency, beside it
+
 SIZES = (1, 32)
 
 
@@ -135,15 +137,9 @@ def _torch_worker():
 # ---------------------------------------------------------------------------- TF side
 def _tf_arms(folder):
     """The exports' timed calls by name, and the loaded SavedModels they need kept alive."""
-    import keras
     import tensorflow as tf
+    from serving_latency import load_export
 
-    from models import build_backbone, projection_head
-    from pipeline.export import in_precision, write_export
-
-    manifest = {"image_shape": [32, 32, 3], "class_names": [str(i) for i in range(10)],
-                "train_statistics": {"mean": [125.3, 123.0, 113.9],
-                                     "std": [63.0, 62.1, 66.7]}}
     rng = np.random.default_rng(0)
     pixels = {size: tf.constant(rng.integers(0, 256, (size, 32, 32, 3), dtype=np.uint8))
               for size in SIZES}
@@ -151,12 +147,7 @@ def _tf_arms(folder):
             for size in SIZES}
     arms, loaded_exports = {}, []
     for precision in ("float32", "bfloat16"):
-        keras.utils.set_random_seed(0)
-        backbone = build_backbone("resnet18", input_shape=(32, 32, 3), norm="split")
-        projector = projection_head(backbone.feature_dim)
-        backbone, projector = in_precision(backbone, projector, precision)
-        loaded = tf.saved_model.load(write_export(backbone, projector, manifest,
-                                                  os.path.join(folder, precision, "1")))
+        loaded, _ = load_export("resnet18", precision, folder)
         loaded_exports.append(loaded)
         signatures = loaded.signatures
         arms[f"tf_export/{precision}/embed_pixels"] = (
